@@ -1,0 +1,167 @@
+"""Choosing which modules of a model an adapter wraps.
+
+The matching rules are PEFT's, so a config means the same thing in both libraries:
+a list item matches a module whose full name equals it or ends with "." + item; a string is a
+regex that must match the whole name; "all-linear" is every Linear (or GPT-2 Conv1D) except the
+output head.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from collections.abc import Iterable
+
+from torch import nn
+
+ALL_LINEAR = "all-linear"
+
+# Per-architecture defaults when target_modules is not given (model_type -> module names).
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    **{t: ["q_proj", "v_proj"] for t in (
+        "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "opt", "bart",
+        "gptj", "gpt_neo", "stablelm", "olmo", "olmo2", "phi3_small", "smollm3", "granite",
+    )},
+    **{t: ["query", "value"] for t in ("bert", "roberta", "xlm-roberta", "electra", "layoutlm")},
+    **{t: ["query_key_value"] for t in ("gpt_neox", "bloom", "falcon", "chatglm", "RefinedWeb", "RefinedWebModel")},
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "gpt2": ["c_attn"],
+    "gpt_bigcode": ["c_attn"],
+    "distilbert": ["q_lin", "v_lin"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "deberta": ["in_proj"],
+    "mpt": ["Wqkv"],
+    "codegen": ["qkv_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "phi3": ["qkv_proj"],
+}
+
+# Heads that SEQ_CLS models train in full and that "all-linear" leaves alone.
+CLASSIFIER_HEAD_NAMES = ("classifier", "score")
+# Names of the container that holds a model's repeated blocks, for layers_to_transform.
+DEFAULT_LAYERS_PATTERNS = ("layers", "h", "block", "blocks", "layer")
+
+
+def gpt2_conv1d_class() -> type | None:
+    """transformers' Conv1D class if transformers is already imported (never imports it)."""
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None)
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    conv1d = gpt2_conv1d_class()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def name_matches(name: str, patterns: str | Iterable[str]) -> bool:
+    """PEFT's rule: a string is a full-match regex; a list matches by equality or dotted suffix."""
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def layer_index(name: str, layers_pattern: str | list[str] | None) -> int | None:
+    """The block index in a name like ``model.layers.3.self_attn.q_proj`` (None when absent)."""
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else (layers_pattern or DEFAULT_LAYERS_PATTERNS)
+    for pattern in patterns:
+        match = re.match(rf"(?:.*\.)?{pattern}\.(\d+)(?:\.|$)", name)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Full names of the output embedding (lm_head) and classifier heads, which all-linear skips."""
+    heads: set[str] = set()
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    for name, module in model.named_modules():
+        if (output is not None and module is output) or name.rsplit(".", 1)[-1] in CLASSIFIER_HEAD_NAMES:
+            heads.add(name)
+    return heads
+
+
+def model_type(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None)
+
+
+def default_target_modules(model: nn.Module) -> list[str]:
+    """The per-architecture default target modules, or an error that says how to choose."""
+    kind = model_type(model)
+    if kind in DEFAULT_TARGET_MODULES:
+        return list(DEFAULT_TARGET_MODULES[kind])
+    raise ValueError(
+        f"target_modules was not given and there is no default for model type {kind!r}. "
+        "Pass target_modules, e.g. a list of module names, a regex, or 'all-linear'."
+    )
+
+
+def find_targets(
+    model: nn.Module,
+    target_modules: str | list[str],
+    *,
+    exclude_modules: str | list[str] | None = None,
+    layers_to_transform: int | list[int] | None = None,
+    layers_pattern: str | list[str] | None = None,
+    skip_inside: Iterable[str] = (),
+    skip: list[str] | tuple[str, ...] = (),
+) -> list[str]:
+    """Names of the modules to adapt, in model order.
+
+    Args:
+        skip_inside: names of wrapper layers whose children are never targets themselves.
+        skip: names (list rule) that are not targets, nor is anything inside them (modules_to_save).
+
+    Raises:
+        ValueError: when nothing matches; the message lists the model's closest module names.
+    """
+    inside = tuple(n + "." for n in skip_inside)
+    skip = list(skip)
+    heads = output_head_names(model) if target_modules == ALL_LINEAR else set()
+    if isinstance(layers_to_transform, int):
+        layers_to_transform = [layers_to_transform]
+    found = []
+    for name, module in model.named_modules():
+        if not name or name.startswith(inside) or (skip and _is_or_is_inside(name, skip)):
+            continue
+        if target_modules == ALL_LINEAR:
+            if not is_linear_like(module) or name in heads:
+                continue
+        elif not name_matches(name, target_modules):
+            continue
+        if exclude_modules and name_matches(name, exclude_modules):
+            continue
+        if layers_to_transform is not None and layer_index(name, layers_pattern) not in layers_to_transform:
+            continue
+        found.append(name)
+    if not found:
+        raise ValueError(no_match_message(model, target_modules))
+    return found
+
+
+def _is_or_is_inside(name: str, patterns: list[str]) -> bool:
+    parts = name.split(".")
+    return any(name_matches(".".join(parts[: i + 1]), patterns) for i in range(len(parts)))
+
+
+def no_match_message(model: nn.Module, target_modules: str | list[str]) -> str:
+    names = [n for n, _ in model.named_modules() if n]
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    wanted = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    close = sorted({c for w in wanted for c in difflib.get_close_matches(w.rsplit(".", 1)[-1], leaves, n=5, cutoff=0.3)})
+    hint = f" Closest module names in this model: {close}." if close else ""
+    return (
+        f"target_modules={target_modules!r} matched no module of {type(model).__name__}.{hint} "
+        f"Module names available: {leaves[:40]}{' ...' if len(leaves) > 40 else ''}"
+    )
+
+
+def resolve_pattern(patterns: dict[str, object], name: str, default: object) -> object:
+    """rank_pattern / alpha_pattern lookup: the first key that matches the end of ``name``."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
