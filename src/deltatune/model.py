@@ -240,7 +240,8 @@ class PeftModel(nn.Module):
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The base model's generate; with ``adapter_names`` each prompt row uses its own adapter."""
         if adapter_names is not None:
-            generation_config = kwargs.get("generation_config") or getattr(self.get_base_model(), "generation_config", None)
+            generation_config = kwargs.get("generation_config") or getattr(self.get_base_model(),
+                                                                           "generation_config", None)
             beams = kwargs.get("num_beams") or getattr(generation_config, "num_beams", 1) or 1
             returns = kwargs.get("num_return_sequences") or getattr(generation_config, "num_return_sequences", 1) or 1
             copies = beams if beams > 1 else returns  # generate repeats each row this many times
@@ -367,7 +368,9 @@ def _read_adapter(
     return config, read_adapter_weights(model_id)
 
 
-def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = DEFAULT_ADAPTER, **kwargs: Any) -> PeftModel:
+def get_peft_model(
+    model: nn.Module, peft_config: PeftConfig, adapter_name: str = DEFAULT_ADAPTER, **kwargs: Any
+) -> PeftModel:
     """Wrap ``model`` with a new adapter described by ``peft_config``; only the adapter trains.
 
     Raises:

@@ -45,7 +45,8 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        self.modules_to_save.pop(adapter_name, None)
+        if adapter_name in self.modules_to_save:
+            del self.modules_to_save[adapter_name]
         self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
 
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:

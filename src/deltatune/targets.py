@@ -151,7 +151,7 @@ def no_match_message(model: nn.Module, target_modules: str | list[str]) -> str:
     names = [n for n, _ in model.named_modules() if n]
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
     wanted = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    close = sorted({c for w in wanted for c in difflib.get_close_matches(w.rsplit(".", 1)[-1], leaves, n=5, cutoff=0.3)})
+    close = sorted({c for w in wanted for c in difflib.get_close_matches(w.rsplit(".", 1)[-1], leaves, 5, 0.3)})
     hint = f" Closest module names in this model: {close}." if close else ""
     return (
         f"target_modules={target_modules!r} matched no module of {type(model).__name__}.{hint} "

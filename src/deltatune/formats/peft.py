@@ -49,7 +49,8 @@ def adapter_tensors(
     elif bias == "lora_only":
         for path, layer in layers.items():
             base_bias = getattr(layer.base_layer, "bias", None)
-            if base_bias is not None and adapter_name in layer.adapter_names() and not hasattr(layer, "original_module"):
+            is_copy = hasattr(layer, "original_module")  # modules_to_save: its bias is in the copy already
+            if base_bias is not None and adapter_name in layer.adapter_names() and not is_copy:
                 out[f"{path}.base_layer.bias"] = base_bias
     if save_embedding_layers:
         for path, layer in layers.items():
@@ -76,7 +77,7 @@ def read_adapter_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor
     if os.path.isfile(path):
         try:
             with safe_open(path, framework="pt", device="cpu") as fh:
-                return {key: fh.get_tensor(key) for key in fh.keys()}
+                return {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118 - safe_open is no dict
         except Exception as err:  # safetensors raises its own error types
             raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
     legacy = os.path.join(directory, LEGACY_WEIGHTS_NAME)

@@ -80,6 +80,11 @@ class LoraConfig(PeftConfig):
             raise ValueError(
                 f"init_lora_weights={self.init_lora_weights!r} is not supported; use True, False or 'gaussian'."
             )
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError(
+                "layers_to_transform needs target_modules as a list of names (a regex can select layers itself); "
+                "PEFT refuses this combination too, so such an adapter could not be shared."
+            )
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern only has a meaning together with layers_to_transform.")
 
@@ -204,7 +209,8 @@ class LoraLayer(nn.Module):
         if adapter_name in self.merged_adapters:
             raise ValueError(f"Adapter {adapter_name!r} is merged; unmerge it before deleting it.")
         for store in (self.lora_A, self.lora_B, self.lora_embedding_A, self.lora_embedding_B, self.lora_dropout):
-            store.pop(adapter_name, None)
+            if adapter_name in store:
+                del store[adapter_name]
         for table in (self.r, self.lora_alpha, self.scaling):
             table.pop(adapter_name, None)
         self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
@@ -239,7 +245,7 @@ class LoraLayer(nn.Module):
             if safe_merge:
                 merged = weight.data + delta
                 if not torch.isfinite(merged).all():
-                    raise ValueError(f"Merging adapter {name!r} would put NaN/Inf into the base weight; nothing merged.")
+                    raise ValueError(f"Merging adapter {name!r} would put NaN/Inf into the weight; nothing merged.")
                 weight.data.copy_(merged)
             else:
                 weight.data += delta
@@ -279,7 +285,7 @@ class LoraLayer(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         if self.batch_adapter_names is not None:
             if self.merged_adapters:
-                raise ValueError("A mixed batch (adapter_names=...) cannot run while adapters are merged; unmerge first.")
+                raise ValueError("A mixed batch (adapter_names=...) cannot run on merged adapters; unmerge first.")
             return self._mixed_batch_forward(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         if self.merged_adapters:

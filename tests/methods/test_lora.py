@@ -1,0 +1,168 @@
+"""LoRA layer math, checked against the formula h = W0 x + (alpha / r) B A x written out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import deltatune as dt
+from deltatune.methods.lora import LoraLayer
+
+
+def _layer(base: nn.Module, r: int = 4, alpha: float = 8, init=False, **kwargs) -> LoraLayer:
+    layer = LoraLayer(base, fan_in_fan_out=isinstance(base, Conv1D))
+    layer.add_adapter("a", r=r, lora_alpha=alpha, init_lora_weights=init, **kwargs)
+    layer.active_adapters = ["a"]
+    return layer
+
+
+def test_linear_forward_is_w0x_plus_scaled_bax():
+    base = nn.Linear(10, 6)
+    layer = _layer(base)
+    x = torch.randn(5, 10)
+    a, b = layer.lora_A["a"].weight, layer.lora_B["a"].weight
+    expected = x @ base.weight.T + base.bias + (8 / 4) * (x @ a.T @ b.T)
+    assert torch.allclose(layer(x), expected, atol=1e-5)
+
+
+def test_rslora_scales_by_sqrt_r():
+    layer = _layer(nn.Linear(4, 4), r=16, alpha=8, use_rslora=True)
+    assert layer.scaling["a"] == pytest.approx(8 / math.sqrt(16))
+
+
+def test_gpt2_conv1d_uses_transposed_weight():
+    base = Conv1D(6, 10)  # nf=6 outputs, nx=10 inputs; weight stored (10, 6)
+    layer = _layer(base)
+    x = torch.randn(2, 3, 10)
+    expected = x @ base.weight + base.bias + 2 * (x @ layer.lora_A["a"].weight.T @ layer.lora_B["a"].weight.T)
+    assert torch.allclose(layer(x), expected, atol=1e-5)
+    assert layer.delta_weight("a").shape == base.weight.shape
+
+
+@pytest.mark.parametrize("conv", [nn.Conv1d(3, 5, 3, padding=1), nn.Conv2d(3, 5, (3, 2), stride=2),
+                                  nn.Conv3d(3, 5, 1), nn.Conv2d(3, 5, 1)])
+def test_conv_forward_matches_conv_with_merged_weight(conv):
+    layer = _layer(conv)
+    x = torch.randn(2, 3, *([6] * (conv.weight.dim() - 2)))
+    merged = type(conv)(3, 5, conv.kernel_size, conv.stride, conv.padding)
+    with torch.no_grad():
+        merged.weight.copy_(conv.weight + layer.delta_weight("a"))
+        merged.bias.copy_(conv.bias)
+    assert torch.allclose(layer(x), merged(x), atol=1e-5)
+
+
+def test_embedding_forward_and_padding_idx():
+    base = nn.Embedding(20, 6, padding_idx=0)
+    layer = _layer(base, r=3, alpha=3)
+    ids = torch.tensor([[0, 4, 19], [7, 7, 1]])
+    table = base.weight + (layer.lora_embedding_B["a"] @ layer.lora_embedding_A["a"]).T
+    assert torch.allclose(layer(ids), table[ids], atol=1e-6)
+
+
+def test_init_true_is_kaiming_a_and_zero_b():
+    layer = _layer(nn.Linear(64, 32), r=8, init=True)
+    a, b = layer.lora_A["a"].weight, layer.lora_B["a"].weight
+    assert torch.count_nonzero(b) == 0
+    bound = 1 / math.sqrt(64)  # kaiming_uniform with a=sqrt(5) gives U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert a.abs().max() <= bound and a.abs().max() > bound * 0.8
+    emb = _layer(nn.Embedding(10, 4), init=True)
+    assert torch.count_nonzero(emb.lora_embedding_A["a"]) == 0 and emb.lora_embedding_B["a"].std() > 0.5
+
+
+def test_init_gaussian_has_std_one_over_r():
+    torch.manual_seed(0)
+    layer = _layer(nn.Linear(512, 8), r=4, init="gaussian")
+    assert layer.lora_A["a"].weight.std().item() == pytest.approx(1 / 4, rel=0.05)
+    assert torch.count_nonzero(layer.lora_B["a"].weight) == 0
+
+
+def test_dropout_only_on_lora_path_in_training():
+    base = nn.Linear(8, 8)
+    layer = _layer(base, lora_dropout=0.5)
+    x = torch.randn(200, 8)
+    layer.train()
+    a, b = layer.lora_A["a"].weight, layer.lora_B["a"].weight
+    no_dropout = base(x) + 2 * (x @ a.T @ b.T)
+    assert not torch.allclose(layer(x), no_dropout, atol=1e-3)
+    layer.eval()
+    assert torch.allclose(layer(x), no_dropout, atol=1e-5)
+
+
+def test_unmerge_restores_weight_within_fp32_rounding():
+    base = nn.Linear(32, 16)
+    original = base.weight.detach().clone()
+    layer = _layer(base)
+    layer.merge()
+    assert not torch.allclose(base.weight, original)
+    layer.unmerge()
+    assert torch.allclose(base.weight, original, atol=1e-6, rtol=0)
+
+
+def test_safe_merge_refuses_nan_and_leaves_weight():
+    base = nn.Linear(4, 4)
+    layer = _layer(base)
+    with torch.no_grad():
+        layer.lora_B["a"].weight[0, 0] = float("nan")
+    before = base.weight.detach().clone()
+    with pytest.raises(ValueError, match="NaN"):
+        layer.merge(safe_merge=True)
+    assert torch.equal(base.weight, before) and not layer.merged_adapters
+
+
+def test_safe_merge_on_model_checks_every_layer_first():
+    from tests.conftest import make_model, perturb
+
+    model = dt.get_peft_model(make_model("llama"), dt.LoraConfig(r=2))
+    perturb(model)
+    last_b = model.base_model.model.model.layers[1].self_attn.v_proj.lora_B["default"].weight
+    with torch.no_grad():
+        last_b[0, 0] = float("inf")
+    first = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        model.merge_and_unload(safe_merge=True)
+    assert torch.equal(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight, first)
+
+
+def test_rank_and_alpha_patterns_apply_per_module():
+    from tests.conftest import make_model
+
+    model = dt.get_peft_model(make_model("llama"), dt.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+        rank_pattern={"layers.1.self_attn.q_proj": 2}, alpha_pattern={"v_proj": 1}))
+    layers = model.base_model.model.model.layers
+    assert layers[0].self_attn.q_proj.r["default"] == 4 and layers[1].self_attn.q_proj.r["default"] == 2
+    assert layers[0].self_attn.v_proj.scaling["default"] == pytest.approx(1 / 4)
+    assert layers[0].self_attn.q_proj.scaling["default"] == pytest.approx(2)
+
+
+def test_fp16_base_keeps_adapter_in_fp32_and_output_dtype():
+    base = nn.Linear(8, 8).half()
+    layer = _layer(base)
+    assert layer.lora_A["a"].weight.dtype == torch.float32
+    out = layer(torch.randn(2, 8).half())
+    assert out.dtype == torch.float16
+
+
+def test_config_validation_messages():
+    with pytest.raises(ValueError, match="positive integer"):
+        dt.LoraConfig(r=0)
+    with pytest.raises(ValueError, match="bias must be"):
+        dt.LoraConfig(bias="some")
+    with pytest.raises(ValueError, match="init_lora_weights"):
+        dt.LoraConfig(init_lora_weights="pissa")
+    with pytest.raises(ValueError, match="lora_dropout"):
+        dt.LoraConfig(lora_dropout=1.5)
+
+
+def test_defaults_match_peft():
+    import peft
+
+    ours, theirs = dt.LoraConfig(), peft.LoraConfig()
+    for name in ("r", "lora_alpha", "lora_dropout", "fan_in_fan_out", "bias", "use_rslora", "init_lora_weights",
+                 "target_modules", "exclude_modules", "modules_to_save", "layers_to_transform", "layers_pattern",
+                 "rank_pattern", "alpha_pattern", "task_type", "inference_mode"):
+        assert getattr(ours, name) == getattr(theirs, name), name
