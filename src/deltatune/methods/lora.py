@@ -292,8 +292,22 @@ class LoraLayer(nn.Module):
             return result
         for name in self.active_adapters:
             if name in self.r:
-                result = result + self.lora_output(name, x).to(result.dtype)
+                result = self._add_lora(name, x, result)
         return result
+
+    def _add_lora(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """result + scaling * B A dropout(x).
+
+        For linear layers the final matmul and the addition are one ``addmm`` (the add happens
+        inside the GEMM), which saves a pass over the out-wide result in forward and backward.
+        """
+        lora_a = self.lora_A[name] if self.kind == "linear" else None
+        if lora_a is None or result.dtype != lora_a.weight.dtype or result.dim() < 2:
+            return result + self.lora_output(name, x).to(result.dtype)
+        after_a = lora_a(self.lora_dropout[name](x.to(lora_a.weight.dtype)))  # (..., r)
+        flat = torch.addmm(result.reshape(-1, result.shape[-1]), after_a.reshape(-1, after_a.shape[-1]),
+                           self.lora_B[name].weight.t(), alpha=self.scaling[name])
+        return flat.view(result.shape)
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Each batch row gets its own adapter (or none, for '__base__')."""
