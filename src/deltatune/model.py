@@ -182,7 +182,7 @@ class PeftModel(nn.Module):
             for name in names:
                 if delta_weight is None or name not in layer.adapter_names() or name in layer.merged_adapters:
                     continue
-                merged = layer.base_layer.weight.detach() + delta_weight(name).detach()
+                merged = layer.base_weight() + delta_weight(name).detach()
                 if not torch.isfinite(merged).all():
                     raise ValueError(f"Merging adapter {name!r} into {path} gives NaN/Inf; nothing was merged.")
 
@@ -199,7 +199,6 @@ class PeftModel(nn.Module):
             self._check_mergeable(names)
         model = self.get_base_model()
         for path, layer in list(adapter_layers(model)):
-            layer.merge([n for n in names if n in layer.adapter_names()], safe_merge=safe_merge)
             layer.active_adapters = [n for n in names if n in layer.adapter_names()]
             replace_module(model, path, layer.unwrapped(merge=True))
         return model

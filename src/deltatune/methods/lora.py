@@ -89,10 +89,18 @@ class LoraConfig(PeftConfig):
             raise ValueError("layers_pattern only has a meaning together with layers_to_transform.")
 
 
+def is_quantized(base: nn.Module) -> bool:
+    """A quantized linear layer (deltatune.quant's Linear4bit/Linear8bit, or anything shaped like them).
+
+    Such a layer stores codes, not floats: LoRA runs beside it and merging goes through a dequantized copy.
+    """
+    return callable(getattr(base, "dequantized_weight", None)) and hasattr(base, "in_features")
+
+
 def _kind(base: nn.Module) -> str:
     """'linear', 'conv' or 'embedding': how LoRA attaches to this base layer."""
     conv1d = gpt2_conv1d_class()
-    if isinstance(base, nn.Linear) or (conv1d is not None and isinstance(base, conv1d)):
+    if isinstance(base, nn.Linear) or (conv1d is not None and isinstance(base, conv1d)) or is_quantized(base):
         return "linear"
     if isinstance(base, nn.Embedding):
         return "embedding"
@@ -112,7 +120,7 @@ def _features(base: nn.Module, kind: str) -> tuple[int, int]:
         return base.num_embeddings, base.embedding_dim
     if kind == "conv":
         return base.in_channels, base.out_channels
-    if isinstance(base, nn.Linear):
+    if isinstance(base, nn.Linear) or is_quantized(base):
         return base.in_features, base.out_features
     return base.weight.shape[0], base.weight.shape[1]  # GPT-2 Conv1D stores (in, out)
 
@@ -234,9 +242,20 @@ class LoraLayer(nn.Module):
                 delta = delta.T
         return delta * self.scaling[name]
 
+    def base_weight(self) -> torch.Tensor:
+        """The base layer's weight as floats (dequantized when the base is quantized)."""
+        if is_quantized(self.base_layer):
+            return self.base_layer.dequantized_weight(torch.float32)
+        return self.base_layer.weight.detach()
+
     @torch.no_grad()
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold adapters into the base weight: W0 <- W0 + scaling B A (no extra inference cost)."""
+        if is_quantized(self.base_layer):
+            raise ValueError(
+                "The base layer is quantized; adding the update to its 4/8-bit codes would round it away. "
+                "Use merge_and_unload(), which returns a dequantized layer with the update added."
+            )
         weight = self.base_layer.weight
         for name in adapter_names if adapter_names is not None else self.active_adapters:
             if name not in self.r or name in self.merged_adapters:
@@ -259,12 +278,28 @@ class LoraLayer(nn.Module):
             name = self.merged_adapters.pop()
             weight.data -= self.delta_weight(name).to(weight.dtype)
 
+    @torch.no_grad()
     def unwrapped(self, merge: bool) -> nn.Module:
-        if merge:
+        """The module that replaces this layer on unload; merged, a quantized base becomes a float Linear."""
+        if not merge:
+            if self.merged_adapters:
+                self.unmerge()
+            return self.base_layer
+        if not is_quantized(self.base_layer):
             self.merge()
-        elif self.merged_adapters:
-            self.unmerge()
-        return self.base_layer
+            return self.base_layer
+        base = self.base_layer
+        weight = self.base_weight()
+        for name in self.active_adapters:
+            if name in self.r:
+                weight = weight + self.delta_weight(name).float()
+        dtype = getattr(base, "compute_dtype", None) or torch.float32
+        linear = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None,
+                           device=weight.device, dtype=dtype)
+        linear.weight.copy_(weight)
+        if base.bias is not None:
+            linear.bias.copy_(base.bias)
+        return linear
 
     def lora_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """scaling * B A dropout(x), the adapter's contribution to the output."""
