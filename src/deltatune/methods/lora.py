@@ -140,6 +140,9 @@ class LoraLayer(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.kind = _kind(base_layer)
+        # whether the base layer's output is a fresh tensor its backward does not need (see _add_lora)
+        conv1d = gpt2_conv1d_class()
+        self._result_is_scratch = type(base_layer) is nn.Linear or (conv1d is not None and type(base_layer) is conv1d)
         self.in_features, self.out_features = _features(base_layer, self.kind)
         self.fan_in_fan_out = fan_in_fan_out
         self.lora_A = nn.ModuleDict()
@@ -335,13 +338,19 @@ class LoraLayer(nn.Module):
 
         For linear layers the final matmul and the addition are one ``addmm`` (the add happens
         inside the GEMM), which saves a pass over the out-wide result in forward and backward.
+        The base output of nn.Linear / Conv1D is not kept for their backward, so the add may write
+        into it in place (autograd's version check would raise, not mislead, if that ever changed).
         """
         lora_a = self.lora_A[name] if self.kind == "linear" else None
         if lora_a is None or result.dtype != lora_a.weight.dtype or result.dim() < 2:
             return result + self.lora_output(name, x).to(result.dtype)
         after_a = lora_a(self.lora_dropout[name](x.to(lora_a.weight.dtype)))  # (..., r)
-        flat = torch.addmm(result.reshape(-1, result.shape[-1]), after_a.reshape(-1, after_a.shape[-1]),
-                           self.lora_B[name].weight.t(), alpha=self.scaling[name])
+        after_a = after_a.reshape(-1, after_a.shape[-1])  # (tokens, r)
+        up = self.lora_B[name].weight.t()  # (r, out)
+        if self._result_is_scratch and result.is_contiguous() and not result._is_view():
+            result.view(-1, result.shape[-1]).addmm_(after_a, up, alpha=self.scaling[name])
+            return result
+        flat = torch.addmm(result.reshape(-1, result.shape[-1]), after_a, up, alpha=self.scaling[name])
         return flat.view(result.shape)
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
