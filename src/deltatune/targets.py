@@ -50,9 +50,18 @@ def gpt2_conv1d_class() -> type | None:
     return getattr(module, "Conv1D", None)
 
 
+def is_quantized(module: nn.Module) -> bool:
+    """A quantized linear layer (deltatune.quant's Linear4bit/Linear8bit, or anything shaped like them).
+
+    Such a layer stores codes, not floats: adapters run beside it and merging goes through a dequantized copy.
+    """
+    return callable(getattr(module, "dequantized_weight", None)) and hasattr(module, "in_features")
+
+
 def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear, GPT-2's Conv1D, or a quantized linear layer: what "all-linear" selects."""
     conv1d = gpt2_conv1d_class()
-    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d)) or is_quantized(module)
 
 
 def name_matches(name: str, patterns: str | Iterable[str]) -> bool:

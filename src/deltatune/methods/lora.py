@@ -18,7 +18,14 @@ from torch import nn
 
 from ..adapter_layer import BASE_ADAPTER, check_batch_size, inside_adapter_layer, replace_module, rows_by_adapter
 from ..config import PeftConfig
-from ..targets import default_target_modules, find_targets, gpt2_conv1d_class, resolve_pattern
+from ..targets import (
+    default_target_modules,
+    find_targets,
+    gpt2_conv1d_class,
+    is_linear_like,
+    is_quantized,
+    resolve_pattern,
+)
 
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = (True, False, "gaussian")
@@ -89,18 +96,9 @@ class LoraConfig(PeftConfig):
             raise ValueError("layers_pattern only has a meaning together with layers_to_transform.")
 
 
-def is_quantized(base: nn.Module) -> bool:
-    """A quantized linear layer (deltatune.quant's Linear4bit/Linear8bit, or anything shaped like them).
-
-    Such a layer stores codes, not floats: LoRA runs beside it and merging goes through a dequantized copy.
-    """
-    return callable(getattr(base, "dequantized_weight", None)) and hasattr(base, "in_features")
-
-
 def _kind(base: nn.Module) -> str:
     """'linear', 'conv' or 'embedding': how LoRA attaches to this base layer."""
-    conv1d = gpt2_conv1d_class()
-    if isinstance(base, nn.Linear) or (conv1d is not None and isinstance(base, conv1d)) or is_quantized(base):
+    if is_linear_like(base):
         return "linear"
     if isinstance(base, nn.Embedding):
         return "embedding"

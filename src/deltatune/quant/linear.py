@@ -1,0 +1,139 @@
+"""`Linear4bit` and `Linear8bit`: frozen quantized linear layers that LoRA (or any adapter) can sit on.
+
+Both hold their weight as a quantized module (`NF4Weight` / `Int8Weight`) in ``self.weight`` and a float ``bias``.
+The forward dequantizes the whole weight into the compute dtype and calls one matmul; the backward gives a
+gradient to the input (and bias) only and dequantizes again instead of keeping the float weight alive between
+forward and backward: per layer that saves out*in*2..4 bytes of activation memory for a ~1 ms re-dequantization.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .int8 import Int8Weight, quantize_int8
+from .nf4 import NF4Weight, quantize_nf4
+
+QuantizedWeight = NF4Weight | Int8Weight
+
+
+class _DequantLinear(torch.autograd.Function):
+    """``y = x @ W^T + b`` with W rebuilt from its quantized form in forward and again in backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:  # noqa: ANN001
+        ctx.weight = weight  # the module, not a tensor: nothing float is saved for backward
+        ctx.has_bias = bias is not None
+        return nn.functional.linear(x, weight.dequantize(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None]:  # noqa: ANN001
+        grad_x = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ ctx.weight.dequantize(grad.dtype)  # (..., out) @ (out, in)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_x, None, grad_b
+
+
+def _forward(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None,
+             compute_dtype: torch.dtype | None) -> torch.Tensor:
+    dtype = compute_dtype or x.dtype
+    b = bias.to(dtype) if bias is not None else None
+    if torch.is_grad_enabled() and (x.requires_grad or (b is not None and b.requires_grad)):
+        out = _DequantLinear.apply(x.to(dtype), weight, b)
+    else:
+        out = nn.functional.linear(x.to(dtype), weight.dequantize(dtype), b)
+    return out.to(x.dtype)
+
+
+def _float_weight(layer: nn.Module) -> torch.Tensor:
+    """(out, in) weight of an nn.Linear or a transformers Conv1D (which stores it transposed)."""
+    if isinstance(layer, nn.Linear):
+        return layer.weight
+    if type(layer).__name__ == "Conv1D" and hasattr(layer, "nf"):  # transformers.pytorch_utils.Conv1D
+        return layer.weight.t()
+    raise ValueError(f"only nn.Linear and transformers Conv1D layers can be quantized, got {type(layer).__name__}")
+
+
+class Linear4bit(nn.Module):
+    """A linear layer whose weight is NF4 (QLoRA): 4.13 bits per weight, matmul in ``compute_dtype``.
+
+    Attributes:
+        weight: the :class:`NF4Weight`; ``weight.shape == (out_features, in_features)``, ``weight.dtype`` is the
+            dtype the float weight had, ``weight.device`` where the codes live.
+        bias: float ``nn.Parameter`` or None.
+        compute_dtype: dtype of the matmul; None means the input's dtype. The output has the input's dtype.
+    """
+
+    def __init__(self, weight: NF4Weight, bias: torch.Tensor | None = None,
+                 compute_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if len(weight.shape) != 2:
+            raise ValueError(f"Linear4bit needs a 2-D weight (out, in), got shape {tuple(weight.shape)}")
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight
+        self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias)
+        self.compute_dtype = compute_dtype
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, compute_dtype: torch.dtype | None = None, blocksize: int = 64,
+                    double_quant: bool = True) -> Linear4bit:
+        """Quantize an ``nn.Linear`` (or transformers ``Conv1D``) to NF4; its bias Parameter is reused as is.
+
+        A layer on the meta device gives an empty shell of the right sizes, to be filled by a streaming loader.
+        """
+        w = _float_weight(linear)
+        if w.is_meta:
+            weight = NF4Weight.empty(tuple(w.shape), w.dtype, blocksize, double_quant)
+        else:
+            weight = quantize_nf4(w, blocksize, double_quant)
+        return cls(weight, linear.bias, compute_dtype)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The (out, in) float weight in ``dtype`` (default: the original weight's dtype); never needs grad."""
+        return self.weight.dequantize(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _forward(x, self.weight, self.bias, self.compute_dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
+               f"compute_dtype={self.compute_dtype}"
+
+
+class Linear8bit(nn.Module):
+    """A linear layer whose weight is row-wise int8 (LLM.int8() without the outlier split).
+
+    Same attributes and contract as :class:`Linear4bit`, with an :class:`Int8Weight` as ``weight``.
+    """
+
+    def __init__(self, weight: Int8Weight, bias: torch.Tensor | None = None,
+                 compute_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight
+        self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias)
+        self.compute_dtype = compute_dtype
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, compute_dtype: torch.dtype | None = None) -> Linear8bit:
+        """Quantize an ``nn.Linear`` (or transformers ``Conv1D``) to int8; a meta layer gives an empty shell."""
+        w = _float_weight(linear)
+        if w.is_meta:
+            weight = Int8Weight(torch.empty(tuple(w.shape), dtype=torch.int8, device="meta"),
+                                torch.empty(w.shape[0], device="meta"), w.dtype)
+        else:
+            weight = quantize_int8(w)
+        return cls(weight, linear.bias, compute_dtype)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The (out, in) float weight in ``dtype`` (default: the original weight's dtype)."""
+        return self.weight.dequantize(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _forward(x, self.weight, self.bias, self.compute_dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
+               f"compute_dtype={self.compute_dtype}"

@@ -1,0 +1,166 @@
+"""Load a Hugging Face safetensors model straight into 4 (or 8) bits, one tensor at a time.
+
+The float model is never built: it is created on the meta device, linear layers become empty quantized
+shells, then each tensor is read from disk, quantized or placed, and dropped before the next; buffers that are
+computed rather than stored (rotary frequencies) are computed last. Peak memory is the final
+model plus one float tensor plus a few MiB of quantization scratch (see `nf4._CHUNK`).
+
+Tensors are read with plain file reads rather than a memory map: a mapped checkpoint counts in the process's
+resident memory as pages are touched, and reading what we need is both simpler to account for and no slower.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .convert import quantize_model
+from .int8 import quantize_int8
+from .linear import Linear4bit, Linear8bit
+from .nf4 import quantize_nf4
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+
+
+def safetensors_files(folder: str | Path) -> list[Path]:
+    """The checkpoint files of an HF folder: ``model.safetensors`` or the shards its index names."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / s for s in shards]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors file in {folder}")
+    return files
+
+
+def iter_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` from one safetensors file, reading each tensor's bytes only when it is reached.
+
+    The format: an 8-byte little-endian header length, a JSON header ``{name: {dtype, shape, data_offsets}}``,
+    then the raw little-endian data. Nothing is unpickled.
+    """
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+        header.pop("__metadata__", None)
+        base = 8 + header_len
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            if info["dtype"] not in _DTYPES:
+                raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+            start, end = info["data_offsets"]
+            buf = bytearray(end - start)
+            f.seek(base + start)
+            if f.readinto(buf) != end - start:
+                raise ValueError(f"{path}: file ends inside tensor {name!r}")
+            raw = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
+            yield name, raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+            del buf, raw  # before the next read: never two float tensors in memory at once
+
+
+def _materialize_computed_buffers(model: nn.Module) -> None:
+    """Give real values to buffers that are computed at construction (rotary ``inv_freq``), not loaded.
+
+    The model was built on the meta device, so such buffers exist only as shapes; transformers' own
+    ``_init_weights`` knows how to recompute them, which is what its ``from_pretrained`` does too.
+    """
+    init = getattr(model, "_init_weights", None)
+    for module in model.modules():
+        if any(b is not None and b.is_meta for b in module._buffers.values()):
+            module.to_empty(device="cpu", recurse=False)
+            if init is not None:
+                init(module)
+
+
+def _place(model: nn.Module, key: str, tensor: torch.Tensor, transposed: set[str], dtype: torch.dtype | None,
+           blocksize: int, double_quant: bool) -> bool:
+    """Put one checkpoint tensor where it belongs; False when the model has no such tensor."""
+    module_name, _, attr = key.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return False
+    if tensor.is_floating_point() and dtype is not None:
+        tensor = tensor.to(dtype)
+    if isinstance(module, Linear4bit | Linear8bit) and attr == "weight":
+        if module_name in transposed:
+            tensor = tensor.t()
+        if tuple(tensor.shape) != tuple(module.weight.shape):
+            raise ValueError(f"{key}: checkpoint shape {tuple(tensor.shape)}, model expects "
+                             f"{tuple(module.weight.shape)}")
+        if isinstance(module, Linear4bit):
+            module.weight = quantize_nf4(tensor, blocksize, double_quant)
+        else:
+            module.weight = quantize_int8(tensor)
+        return True
+    slot = module._parameters if attr in module._parameters else module._buffers if attr in module._buffers else None
+    if slot is None:
+        return False
+    old = slot[attr]
+    if old is not None and tuple(old.shape) != tuple(tensor.shape):
+        raise ValueError(f"{key}: checkpoint shape {tuple(tensor.shape)}, model expects {tuple(old.shape)}")
+    if isinstance(old, nn.Parameter):
+        slot[attr] = nn.Parameter(tensor, requires_grad=old.requires_grad and tensor.is_floating_point())
+    else:
+        slot[attr] = tensor
+    return True
+
+
+def load_quantized(path: str | Path, bits: int = 4, compute_dtype: torch.dtype | None = None, blocksize: int = 64,
+                   double_quant: bool = True, skip_modules: Iterable[str] | None = None,
+                   dtype: torch.dtype | None = None, model_class: type | None = None) -> nn.Module:
+    """Build a transformers model from an HF folder with its linear layers in NF4 (or int8), streaming.
+
+    Args:
+        path: folder with ``config.json`` and ``model.safetensors`` (or an index and shards).
+        bits, compute_dtype, blocksize, double_quant, skip_modules: as in :func:`quantize_model`.
+        dtype: float dtype for the tensors that stay float (and the recorded dtype of quantized ones);
+            None keeps each tensor's dtype on disk.
+        model_class: a transformers class with ``from_config``; default ``AutoModelForCausalLM``.
+
+    Returns:
+        The model in eval mode, on CPU.
+
+    Raises:
+        FileNotFoundError: no config or no safetensors file.
+        ValueError: a tensor whose shape disagrees with the model, or model tensors the checkpoint lacks.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM  # heavy; only here
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"no config.json in {folder}")
+    files = safetensors_files(folder)
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):  # no float weight is ever allocated, nor randomly initialized
+        model = (model_class or AutoModelForCausalLM).from_config(config)
+    transposed = {n for n, m in model.named_modules() if type(m).__name__ == "Conv1D" and hasattr(m, "nf")}
+    quantize_model(model, bits, compute_dtype, blocksize, double_quant, skip_modules)
+    unexpected = []
+    for file in files:
+        for key, tensor in iter_safetensors(file):
+            if not _place(model, key, tensor, transposed, dtype, blocksize, double_quant):
+                unexpected.append(key)
+            del tensor
+    if unexpected:
+        logger.warning("ignored %d checkpoint tensors the model does not have: %s", len(unexpected), unexpected[:5])
+    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    _materialize_computed_buffers(model)
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if missing:
+        raise ValueError(f"{folder}: the checkpoint lacks {len(missing)} model tensors, e.g. {missing[:5]}")
+    return model.eval()

@@ -1,0 +1,277 @@
+"""NF4 weights: the 4-bit NormalFloat format of QLoRA (Dettmers et al. 2023, section 3), in pure PyTorch.
+
+Layout, chosen to be bit-for-bit the one bitsandbytes writes so weights move between the two freely:
+
+* the weight is flattened (row-major) and cut into blocks of ``blocksize`` (64) values; the last block may be short;
+* each block is scaled by its absmax into [-1, 1] and every value is replaced by the index of the nearest of the
+  16 NF4 code values (a value exactly half-way goes to the lower code);
+* two 4-bit indices per byte, the first value in the high nibble: ``[a, b, c, d] -> [ab, cd]``; an odd count is
+  padded with the index of 0.0;
+* double quantization (section 3, "Double Quantization"): the fp32 absmax values minus their mean ``offset`` are
+  themselves quantized to 8 bits with bitsandbytes' dynamic map, in blocks of 256, each with an fp32 absmax.
+
+Bytes per parameter: 0.5 (codes) + 1/64 (8-bit absmax) + 4/(64*256) (nested absmax) = 4.127 bits.
+The two code tables are module constants, never stored per weight.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import cache
+
+import torch
+from torch import nn
+
+# QLoRA's NF4 values (bitsandbytes' `get_4bit_type("nf4")`): quantiles of N(0, 1) scaled to [-1, 1], with an exact 0.
+NF4_VALUES = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+)  # fmt: skip
+NESTED_BLOCKSIZE = 256
+# Elements quantized at a time: bounds the temporaries (int32 indices, scaled copy) to about 1 MiB per weight,
+# which is what lets the streaming loader stay close to the size of the final model.
+_CHUNK = 1 << 16
+# The CPU 8-bit quantizer of bitsandbytes maps x in [-1, 1] to a 65536-entry grid and looks the code up there.
+_LUT_STEPS = 65535
+
+
+@cache
+def nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 16 NF4 values as fp32, on ``device`` (cached)."""
+    return torch.tensor(NF4_VALUES, dtype=torch.float32, device=device)
+
+
+@cache
+def _nf4_bounds(device: torch.device) -> torch.Tensor:
+    code = nf4_code(device)
+    return (code[:-1] + code[1:]) / 2  # midpoints: bucketize puts a tie on the lower code
+
+
+@cache
+def _nf4_pair_table(device: torch.device) -> torch.Tensor:
+    """(256,) int64: byte -> the fp32 bit patterns of (high nibble's value, low nibble's value), side by side.
+
+    One `index_select` of 8-byte integers decodes two codes at once; it is the fastest gather torch has on CPU
+    (about 3x `table[idx]`), and an integer copy keeps every bit.
+    """
+    code = nf4_code(device)
+    byte = torch.arange(256, device=device)
+    pairs = torch.stack([code[byte >> 4], code[byte & 15]], dim=1).contiguous()  # (256, 2) fp32
+    return pairs.view(torch.int64).reshape(256)
+
+
+@cache
+def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic map (`create_dynamic_map()`): 256 sorted fp32 values in [-1, 1].
+
+    Dettmers 2016, "8-Bit Approximations for Parallelism in Deep Learning": a sign, a run-length exponent and a
+    linear fraction. Built with the same fp32 operations as bitsandbytes so the values agree to the bit.
+    """
+    data: list[float] = [0.0, 1.0]
+    exp_bits, non_sign_bits = 7, 7
+    for i in range(exp_bits):
+        items = int(2 ** (i + non_sign_bits - exp_bits) + 1)
+        bounds = torch.linspace(0.1, 1, items, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        scale = 10 ** (-(exp_bits - 1) + i)
+        data += (scale * means).tolist() + (-scale * means).tolist()
+    data.sort()
+    return torch.tensor(data, dtype=torch.float32, device=device)
+
+
+@cache
+def _dynamic_lut(device: torch.device) -> torch.Tensor:
+    """(65536,) uint8: grid point k/65535*2-1 -> index of the nearest dynamic-map value (the CPU quantizer's table)."""
+    code = dynamic_map(device)
+    grid = (torch.arange(_LUT_STEPS + 1, dtype=torch.float32, device=device) / _LUT_STEPS) * 2 - 1
+    return torch.bucketize(grid, (code[:-1] + code[1:]) / 2).to(torch.uint8)
+
+
+def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit dynamic blockwise quantization of a 1-D fp32 tensor, as bitsandbytes' CPU kernel does it.
+
+    Returns ``(codes uint8 (n,), absmax fp32 (ceil(n / blocksize),))``. Each value is scaled by the reciprocal of its
+    block's absmax, mapped to the grid ``round(((v + 1) / 2) * 65535)`` and looked up in a 65536-entry table of
+    nearest codes; this reproduces bitsandbytes' codes exactly (a true nearest search differs on a few values
+    per million, which would break bit-exact interchange).
+    """
+    n = x.numel()
+    nblocks = -(-n // blocksize)
+    padded = nn.functional.pad(x.reshape(-1).float(), (0, nblocks * blocksize - n)).view(nblocks, blocksize)
+    absmax = padded.abs().amax(dim=1)  # zero padding never raises a block's absmax
+    normed = (padded * (1.0 / absmax).unsqueeze(1)).reshape(-1)[:n]
+    normed = normed.nan_to_num(-1.0).clamp(-1, 1)  # an all-zero block gives 0/0; bitsandbytes stores code 0 there
+    grid = (((normed + 1.0) * 0.5) * _LUT_STEPS + 0.5).to(torch.int32)
+    return _dynamic_lut(x.device)[grid], absmax
+
+
+def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE,
+                              code: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of :func:`quantize_blockwise_8bit`: ``code[codes[i]] * absmax[i // blocksize]`` in fp32, shape (n,)."""
+    code = dynamic_map(codes.device) if code is None else code
+    n = codes.numel()
+    values = code[codes.reshape(-1).int()]
+    nblocks = absmax.numel()
+    if n != nblocks * blocksize:
+        values = nn.functional.pad(values, (0, nblocks * blocksize - n))
+    return (values.view(nblocks, blocksize) * absmax.unsqueeze(1)).reshape(-1)[:n]
+
+
+def _quantize_nf4_codes(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat float tensor -> (packed uint8 (ceil(n/2),), fp32 absmax (ceil(n/blocksize),)), chunk by chunk."""
+    n = flat.numel()
+    bounds = _nf4_bounds(flat.device)
+    full = n - n % blocksize
+    chunk = max(blocksize, _CHUNK - _CHUNK % blocksize)
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=flat.device)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=flat.device)
+    for start in range(0, full, chunk):
+        part = flat[start:min(start + chunk, full)].float().view(-1, blocksize)
+        amax = part.abs().amax(dim=1)
+        absmax[start // blocksize:start // blocksize + amax.numel()] = amax
+        scaled = (part * (1.0 / amax.clamp(min=1e-38)).unsqueeze(1)).clamp_(-1, 1).view(-1)
+        packed[start // 2:(start + scaled.numel()) // 2] = _pack(torch.bucketize(scaled, bounds, out_int32=True))
+    if full < n:  # the short last block: bitsandbytes divides here (and clamps the stored absmax), so we do too
+        tail = flat[full:].float()
+        amax = tail.abs().max().clamp(min=1e-38)
+        absmax[-1] = amax
+        scaled = (tail / amax).clamp(-1, 1)
+        if scaled.numel() % 2:
+            scaled = nn.functional.pad(scaled, (0, 1))
+        packed[full // 2:] = _pack(torch.bucketize(scaled, bounds, out_int32=True))
+    return packed, absmax
+
+
+def _pack(indices: torch.Tensor) -> torch.Tensor:
+    q = indices.to(torch.uint8)
+    return (q[0::2] << 4) | q[1::2]  # [a, b, c, d] -> [ab, cd]
+
+
+def _device_only(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> nn.Module:
+    """`nn.Module._apply` that moves buffers between devices but never changes their dtype.
+
+    `model.half()` or `model.to(torch.bfloat16)` must not round the fp32 scales of a quantized weight; the
+    target device is read off ``fn`` applied to an empty tensor.
+    """
+    for name, buf in module._buffers.items():
+        if buf is not None:
+            device = fn(torch.empty(0, device=buf.device)).device
+            module._buffers[name] = buf.to(device)
+    return module
+
+
+class NF4Weight(nn.Module):
+    """A weight of any shape stored as NF4 codes; an `nn.Module` so that `.to(device)` and `state_dict` just work.
+
+    Buffers: ``packed`` uint8 (ceil(n/2),); ``absmax`` uint8 (nblocks,) with double quantization, else fp32;
+    with double quantization also ``nested_absmax`` fp32 (ceil(nblocks/256),) and ``offset`` fp32 (). ``shape`` and
+    ``dtype`` are those of the original weight; ``dequantize()`` returns that dtype unless told otherwise.
+    """
+
+    def __init__(self, packed: torch.Tensor, absmax: torch.Tensor, shape: torch.Size | tuple[int, ...],
+                 dtype: torch.dtype, blocksize: int = 64, nested_absmax: torch.Tensor | None = None,
+                 offset: torch.Tensor | None = None) -> None:
+        super().__init__()
+        n = math.prod(shape)
+        nblocks = -(-n // blocksize)
+        packed = packed.reshape(-1).view(torch.uint8)  # bitsandbytes may store the bytes as another dtype
+        if packed.numel() != (n + 1) // 2 or absmax.numel() != nblocks:
+            raise ValueError(f"NF4 weight of shape {tuple(shape)} and blocksize {blocksize} needs {(n + 1) // 2} "
+                             f"packed bytes and {nblocks} absmax values, got {packed.numel()} and {absmax.numel()}")
+        if (nested_absmax is None) != (offset is None) or (nested_absmax is not None) != (absmax.dtype == torch.uint8):
+            raise ValueError("double quantization needs uint8 absmax, nested_absmax and offset together")
+        self.register_buffer("packed", packed)
+        self.register_buffer("absmax", absmax.reshape(-1))
+        self.register_buffer("nested_absmax", nested_absmax)
+        self.register_buffer("offset", offset.reshape(()) if offset is not None else None)
+        self.shape = torch.Size(shape)
+        self.dtype = dtype
+        self.blocksize = blocksize
+
+    @classmethod
+    def empty(cls, shape: tuple[int, ...], dtype: torch.dtype, blocksize: int = 64, double_quant: bool = True,
+              device: torch.device | str = "meta") -> NF4Weight:
+        """An uninitialized weight of the right sizes (a shell on the meta device for streaming loads)."""
+        n = math.prod(shape)
+        nblocks = -(-n // blocksize)
+        packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=device)
+        if not double_quant:
+            return cls(packed, torch.empty(nblocks, device=device), shape, dtype, blocksize)
+        return cls(packed, torch.empty(nblocks, dtype=torch.uint8, device=device), shape, dtype, blocksize,
+                   torch.empty(-(-nblocks // NESTED_BLOCKSIZE), device=device), torch.empty((), device=device))
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @property
+    def nbytes(self) -> int:
+        """Every byte this weight stores: codes, absmax, nested absmax and offset (the code tables are shared)."""
+        return sum(b.numel() * b.element_size() for b in self._buffers.values() if b is not None)
+
+    def absmax_fp32(self) -> torch.Tensor:
+        """Per-block scales in fp32, undoing double quantization: ``dyn[q] * nested_absmax[i // 256] + offset``."""
+        if not self.double_quant:
+            return self.absmax
+        return dequantize_blockwise_8bit(self.absmax, self.nested_absmax) + self.offset
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The float weight, ``NF4[code] * absmax[block]`` computed in fp32 and rounded once to ``dtype``.
+
+        Bit-exact with ``bitsandbytes.functional.dequantize_4bit`` for the same codes.
+        """
+        dtype = dtype or self.dtype
+        n = self.shape.numel()
+        nblocks = self.absmax.numel()
+        pairs = _nf4_pair_table(self.packed.device).index_select(0, self.packed.int())  # (nbytes,) int64
+        values = pairs.view(torch.float32)  # (2 * nbytes,): high nibble first, as packed
+        if values.numel() != nblocks * self.blocksize:
+            values = nn.functional.pad(values, (0, nblocks * self.blocksize - values.numel()))
+        out = torch.empty((nblocks, self.blocksize), dtype=dtype, device=values.device)
+        torch.mul(values.view(nblocks, self.blocksize), self.absmax_fp32().unsqueeze(1), out=out)
+        return out.view(-1)[:n].view(self.shape) if out.numel() == n else out.view(-1)[:n].reshape(self.shape)
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's signature
+        return _device_only(self, fn)
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}, " \
+               f"double_quant={self.double_quant}, nbytes={self.nbytes}"
+
+
+def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
+    """Quantize a float tensor of any shape to NF4 (QLoRA, section 3).
+
+    Args:
+        weight: fp32, fp16 or bf16 tensor; any shape, any size (a short last block is allowed).
+        blocksize: values per absmax; bitsandbytes accepts 32..4096 (powers of two), QLoRA uses 64.
+        double_quant: also quantize the absmax values to 8 bits in blocks of 256 (bitsandbytes'
+            ``compress_statistics=True``): 4.127 instead of 4.5 bits per parameter.
+
+    Returns:
+        An :class:`NF4Weight` on ``weight.device`` with the same codes and scales that
+        ``bitsandbytes.functional.quantize_4bit(weight, blocksize, compress_statistics, quant_type="nf4")`` gives.
+
+    Raises:
+        ValueError: for a non-float or empty tensor, a meta tensor, or a blocksize that is not a power of two >= 2.
+    """
+    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"NF4 quantizes fp32, fp16 or bf16 weights, got {weight.dtype}")
+    if weight.numel() == 0 or weight.is_meta:
+        raise ValueError(f"cannot quantize an empty or meta tensor (shape {tuple(weight.shape)}, {weight.device})")
+    if blocksize < 2 or blocksize & (blocksize - 1):
+        raise ValueError(f"blocksize must be a power of two >= 2, got {blocksize}")
+    with torch.no_grad():
+        packed, absmax = _quantize_nf4_codes(weight.detach().reshape(-1), blocksize)
+        if not double_quant:
+            return NF4Weight(packed, absmax, weight.shape, weight.dtype, blocksize)
+        offset = absmax.mean()
+        qabsmax, nested_absmax = quantize_blockwise_8bit(absmax - offset, NESTED_BLOCKSIZE)
+    return NF4Weight(packed, qabsmax, weight.shape, weight.dtype, blocksize, nested_absmax, offset)
