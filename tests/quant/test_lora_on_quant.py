@@ -74,3 +74,28 @@ def test_qlora_adapter_loads_on_float_base_and_in_peft(tmp_path):
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(float_base), tmp_path).eval()
     inputs = model_inputs("llama")
     assert torch.allclose(logits(ours, inputs), logits(theirs, inputs), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_export_dequantizes_to_requested_dtype(dtype):
+    from deltatune.quant import dequantize_model
+
+    base = quantize_model(make_model("llama"), bits=4)
+    inputs = model_inputs("llama")
+    model = dt.get_peft_model(base, dt.LoraConfig(r=4, target_modules=["q_proj"]))
+    perturb(model)
+    expected = logits(model, inputs)
+    plain = dequantize_model(model.merge_and_unload(), dtype)
+    assert not any(isinstance(m, (Linear4bit, Linear8bit)) for m in plain.modules())
+    assert {p.dtype for p in plain.parameters()} == {dtype}
+    tolerance = 1e-5 if dtype == torch.float32 else 0.1
+    assert torch.allclose(logits(plain.float(), inputs), expected, atol=tolerance)
+
+
+def test_requantization_error_is_reported_and_small():
+    from deltatune.quant import requantization_error
+
+    model = make_model("llama")
+    error = requantization_error(model, bits=4)
+    assert 0.0 < error["relative_rms_error"] < 0.15 and error["max_abs_error"] > 0
+    assert requantization_error(model, bits=8)["relative_rms_error"] < error["relative_rms_error"]

@@ -84,3 +84,57 @@ def quantize_model(model: nn.Module, bits: int = 4, compute_dtype: torch.dtype |
             new = Linear8bit.from_linear(layer, compute_dtype)
         _set_submodule(model, name, new)
     return model
+
+
+@torch.no_grad()
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Replace every Linear4bit / Linear8bit by an ``nn.Linear`` of ``dtype``, in place (for export).
+
+    This is the only way codes become floats again: nothing is ever merged into 4/8-bit codes.
+    """
+    quantized = [(n, m) for n, m in model.named_modules() if isinstance(m, (Linear4bit, Linear8bit))]
+    for name, layer in quantized:
+        weight = layer.dequantized_weight(torch.float32)
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                           device=weight.device, dtype=dtype)
+        linear.weight.copy_(weight)
+        if layer.bias is not None:
+            linear.bias.copy_(layer.bias)
+        _set_submodule(model, name, linear)
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    return model
+
+
+@torch.no_grad()
+def requantization_error(model: nn.Module, bits: int = 4, blocksize: int = 64) -> dict[str, float]:
+    """How much quantizing a (merged, float) model's linear layers again would change their weights.
+
+    Returns max abs error and the relative RMS error (||W - Q(W)|| / ||W||) over all the layers that
+    ``quantize_model`` would quantize, so a user can judge before shipping a re-quantized export.
+    """
+    head = _output_head(model)
+    squared_error = squared_norm = 0.0
+    max_abs = 0.0
+    for _, layer in model.named_modules():
+        if not _quantizable(layer) or layer is head:
+            continue
+        weight = layer.weight.detach().float()
+        if type(layer).__name__ == "Conv1D":
+            weight = weight.T
+        if bits == 4:
+            again = Linear4bit.from_linear(_as_linear(weight), None, blocksize, True).dequantized_weight(torch.float32)
+        else:
+            again = Linear8bit.from_linear(_as_linear(weight), None).dequantized_weight(torch.float32)
+        diff = again - weight
+        squared_error += float(diff.square().sum())
+        squared_norm += float(weight.square().sum())
+        max_abs = max(max_abs, float(diff.abs().max()))
+    return {"max_abs_error": max_abs, "relative_rms_error": (squared_error / max(squared_norm, 1e-30)) ** 0.5}
+
+
+def _as_linear(weight: torch.Tensor) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    return linear
