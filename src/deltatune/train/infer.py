@@ -1,0 +1,133 @@
+"""Using a trained adapter: load it on its base model, generate, chat, score a file, merge.
+
+The base model is found from the adapter's ``base_model_name_or_path`` (``train`` records the
+folder or GGUF file it used) unless ``--model`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+
+from ..config import CONFIG_NAME
+from ..formats.models import load_model, resolve_model, save_full_model
+from ..model import PeftModel
+from . import data as datamod
+from .evaluate import EvalResult, evaluate
+
+
+def base_model_of(adapter: str, model: str | None = None) -> str | None:
+    """The base model to load: ``model`` if given, else the one the adapter's config names.
+
+    Raises:
+        FileNotFoundError: ``adapter`` is not an adapter folder.
+    """
+    config_path = os.path.join(adapter, CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{adapter!r} is not an adapter folder (no {CONFIG_NAME}).")
+    if model is not None:
+        return model
+    with open(config_path, encoding="utf-8") as fh:
+        return json.load(fh).get("base_model_name_or_path")
+
+
+def load_adapted(adapter: str, model: str | None = None) -> tuple[PeftModel, Any]:
+    """Base model + adapter, frozen, in eval mode, and the tokenizer."""
+    source = resolve_model(base_model_of(adapter, model))
+    base, tokenizer = load_model(source)
+    return PeftModel.from_pretrained(base, adapter, is_trainable=False), tokenizer
+
+
+def build_prompt(tokenizer: Any, history: list[dict[str, str]]) -> list[int]:
+    """Token ids for a conversation so far, with the chat template when the tokenizer has one."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    example = datamod._alpaca({"instruction": history[-1]["content"], "output": ""}, tokenizer)
+    return tokenizer(example.prompt)["input_ids"]
+
+
+@torch.no_grad()
+def reply(model: torch.nn.Module, tokenizer: Any, history: list[dict[str, str]], max_new_tokens: int = 128,
+          temperature: float = 0.0) -> str:
+    """The model's answer to the last user turn of ``history`` (greedy when temperature is 0)."""
+    ids = torch.tensor([build_prompt(tokenizer, history)])
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else \
+        {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         pad_token_id=tokenizer.pad_token_id, **sampling)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def generate(adapter: str, prompt: str, model: str | None = None, max_new_tokens: int = 128,
+             temperature: float = 0.0) -> str:
+    """One answer from base + adapter to ``prompt``."""
+    peft_model, tokenizer = load_adapted(adapter, model)
+    return reply(peft_model, tokenizer, [{"role": "user", "content": prompt}], max_new_tokens, temperature)
+
+
+def chat(adapter: str, model: str | None = None, max_new_tokens: int = 256, temperature: float = 0.0,
+         read: Any = input, write: Any = print) -> None:
+    """Interactive chat with base + adapter; an empty line, "exit" or Ctrl-D ends it."""
+    peft_model, tokenizer = load_adapted(adapter, model)
+    history: list[dict[str, str]] = []
+    write("chatting with the adapted model; empty line or 'exit' to quit, '/reset' to forget the conversation")
+    while True:
+        try:
+            text = read("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            break
+        if text in ("", "exit", "quit"):
+            break
+        if text == "/reset":
+            history = []
+            continue
+        history.append({"role": "user", "content": text})
+        answer = reply(peft_model, tokenizer, history, max_new_tokens, temperature)
+        history.append({"role": "assistant", "content": answer})
+        write(f"model> {answer}")
+
+
+def evaluate_file(adapter: str, data: str, model: str | None = None, data_format: str | None = None,
+                  max_length: int = 1024, max_new_tokens: int | None = None) -> EvalResult:
+    """Exact match (rows with a reference answer) and mean response-token loss of base + adapter on ``data``.
+
+    Raises:
+        FileNotFoundError / ValueError: bad adapter folder or data file, before the model loads.
+    """
+    from transformers import AutoTokenizer
+
+    source = resolve_model(base_model_of(adapter, model))
+    raw_rows = datamod.read_rows(data)
+    fmt = datamod.detect_format(raw_rows, data, data_format)
+    tokenizer = AutoTokenizer.from_pretrained(source.directory,
+                                              **({"gguf_file": source.gguf_file} if source.gguf_file else {}))
+    examples = datamod.to_examples(raw_rows, fmt, tokenizer, data)
+    rows = datamod.tokenize(examples, tokenizer, max_length, data).rows
+    peft_model, tokenizer = load_adapted(adapter, model)
+    return evaluate(peft_model, tokenizer, examples, rows, max_new_tokens=max_new_tokens)
+
+
+def merge(adapter: str, output: str, dtype: str = "float32", model: str | None = None) -> str:
+    """Fold the adapter into its base model and write a plain transformers model folder.
+
+    The folder (model.safetensors, config.json, tokenizer) loads with
+    ``AutoModelForCausalLM.from_pretrained(output)`` and generates what base + adapter generates.
+
+    Raises:
+        ValueError: unknown dtype or output is a file (checked before loading).
+    """
+    from ..formats.models import DTYPES
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
+    if os.path.isfile(output):
+        raise ValueError(f"{output!r} is a file; merge needs a folder.")
+    peft_model, tokenizer = load_adapted(adapter, model)
+    merged = peft_model.merge_and_unload()
+    merged.config.name_or_path = output
+    save_full_model(merged, tokenizer, output, dtype)
+    return output

@@ -1,0 +1,208 @@
+"""``train(config)``: the main job, data -> tokens -> Trainer -> adapter on disk -> before/after score.
+
+Cheap checks come first (settings, model path, every data row, prompt lengths with the
+tokenizer); the model is loaded only once all of them pass. Works the same under
+``torchrun --nproc_per_node N -m deltatune train`` (DDP over gloo on CPU): every process trains
+on its share of each global batch, and process 0 evaluates and writes the files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PrinterCallback
+
+from ..formats.models import load_model, resolve_model
+from ..methods.lora import LoraConfig
+from ..model import get_peft_model
+from . import data as datamod
+from .config import TrainConfig
+from .evaluate import default_max_new_tokens, evaluate
+from .report import RunSummary, plot_loss, print_summary, write_log
+from .task import BUILTIN_STEPS, builtin_splits
+from .trainer import AdapterTrainer, Collator, ListDataset, LossProgress, last_checkpoint, training_arguments
+
+BUILTIN = "built-in order-to-JSON task"
+RUN_INFO_NAME = "deltatune_run.json"  # how prompts were built, so generate/chat build them the same way
+
+
+@dataclass
+class PreparedData:
+    train: datamod.Tokenized
+    eval_examples: list[datamod.Example]
+    eval_rows: list[dict[str, list[int]]]
+    fmt: str
+    source: str
+
+
+def prepare_data(config: TrainConfig, tokenizer: Any) -> PreparedData:
+    """Read, check, render and tokenize the training and held-out data (or build the built-in task)."""
+    if config.data is None:
+        steps = config.max_steps if config.max_steps > 0 else BUILTIN_STEPS
+        n_train = steps * config.batch_size * config.grad_accum * _world_size()
+        train_rows, eval_rows = builtin_splits(n_train, max(config.eval_size, 1), config.seed)
+        eval_rows = eval_rows[:config.eval_size]
+        fmt, source, eval_source = "chat", BUILTIN, BUILTIN
+    else:
+        train_rows = datamod.read_rows(config.data)
+        fmt = datamod.detect_format(train_rows, config.data, config.format)
+        source = config.data
+        if config.eval_data:
+            eval_rows = datamod.read_rows(config.eval_data)
+            datamod.detect_format(eval_rows, config.eval_data, fmt)
+            eval_rows, eval_source = eval_rows[:config.eval_size or None], config.eval_data
+        else:
+            train_rows, eval_rows = datamod.split_rows(train_rows, config.eval_size, config.seed)
+            eval_source = f"{config.data} (held-out rows)"
+    train_examples = datamod.to_examples(train_rows, fmt, tokenizer, source)
+    eval_examples = datamod.to_examples(eval_rows, fmt, tokenizer, eval_source)
+    train = datamod.tokenize(train_examples, tokenizer, config.max_length, source)
+    held = datamod.tokenize(eval_examples, tokenizer, config.max_length, eval_source) if eval_examples else None
+    return PreparedData(train, eval_examples, held.rows if held else [], fmt, source)
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _set_threads(config: TrainConfig) -> None:
+    """Share the cores between the processes of this machine (torchrun runs several)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    threads = config.threads or max(1, (os.cpu_count() or 1) // local)
+    torch.set_num_threads(threads)
+
+
+def lora_config(config: TrainConfig, base_path: str) -> LoraConfig:
+    return LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                      target_modules=config.target_modules, task_type="CAUSAL_LM",
+                      base_model_name_or_path=base_path)
+
+
+def train(config: TrainConfig) -> RunSummary:
+    """Fine-tune ``config.model`` with LoRA on ``config.data``; write the adapter and report.
+
+    Returns:
+        The run summary (before/after exact match, steps, timings), also written as JSON.
+
+    Raises:
+        FileNotFoundError / ValueError: bad settings, model path or data; raised before the
+            model is loaded. KeyboardInterrupt propagates after saying how to resume.
+    """
+    started = time.time()
+    config.validate()
+    _set_threads(config)
+    source = resolve_model(config.model)
+    output = config.output_dir
+    checkpoints = os.path.join(output, "checkpoints")
+    resume_from = last_checkpoint(checkpoints) if config.resume else None
+    if config.resume and resume_from is None:
+        raise FileNotFoundError(f"--resume: no checkpoint found in {checkpoints}.")
+    from transformers import AutoTokenizer
+
+    tokenizer_kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(source.directory, **tokenizer_kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    prepared = prepare_data(config, tokenizer)
+    args = training_arguments(checkpoints, config, use_cpu=not torch.cuda.is_available())
+    main = args.process_index == 0
+    _say(main, f"base model: {source.path}\ndata: {prepared.source} ({len(prepared.train.rows)} training rows, "
+               f"{len(prepared.eval_examples)} held-out, format {prepared.fmt})")
+    if prepared.train.truncated:
+        _say(main, f"{prepared.train.truncated} training rows are longer than max_length={config.max_length}; cut.")
+
+    if not config.resume and main and os.path.isdir(checkpoints):
+        print(f"removing checkpoints of an earlier run in {checkpoints} (use --resume to continue it)")
+        shutil.rmtree(checkpoints)
+    torch.manual_seed(config.seed)  # the adapter's initial A matrices
+    model, tokenizer = load_model(source)
+    peft_model = get_peft_model(model, lora_config(config, source.path))
+    trainable, all_params = peft_model.get_nb_trainable_parameters()
+    if main:
+        peft_model.print_trainable_parameters()
+    max_new = config.max_new_tokens or (default_max_new_tokens(prepared.eval_examples, tokenizer)
+                                        if prepared.eval_examples else 0)
+    before = _score(main and resume_from is None, peft_model, tokenizer, prepared, max_new, "before training",
+                    config.use_bf16)
+
+    trainer = AdapterTrainer(model=peft_model, args=args, train_dataset=ListDataset(prepared.train.rows),
+                             data_collator=Collator(tokenizer.pad_token_id), callbacks=[LossProgress()])
+    trainer.remove_callback(PrinterCallback)  # our progress bar shows the loss; no dict per step
+    train_start = time.time()
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    except KeyboardInterrupt:
+        last = last_checkpoint(checkpoints)
+        hint = f"last checkpoint: {last}; continue with the same command plus --resume" if last else \
+            "no checkpoint was written yet"
+        _say(main, f"\ninterrupted; {hint}.")
+        raise
+    train_seconds = time.time() - train_start
+    if main:  # the finished adapter is saved below; step checkpoints were only for resuming
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    summary = RunSummary(output, source.path, prepared.source, len(prepared.train.rows),
+                         len(prepared.eval_examples), prepared.train.truncated, trainer.state.global_step,
+                         trainable, all_params, exact_match_before=before)
+    history = trainer.state.log_history
+    del trainer  # the optimizer state and the autocast weight cache are not needed to evaluate
+    _release_memory()
+    if not main:
+        return summary
+    peft_model.save_pretrained(output)
+    _write_run_info(output, prepared.fmt, max_new)
+    write_log(history, output)
+    plot_loss(history, output)
+    losses = [e["loss"] for e in history if "loss" in e]
+    summary.final_loss = losses[-1] if losses else None
+    after = evaluate(peft_model, tokenizer, prepared.eval_examples, max_new_tokens=max_new, bf16=config.use_bf16) \
+        if prepared.eval_examples else None
+    if after is not None:
+        summary.exact_match_after = after.exact_match
+        summary.samples = [{"prompt": e.question,
+                            "expected": e.reference, "got": p}
+                           for e, p in zip(prepared.eval_examples, after.predictions, strict=False)][:5]
+    summary.train_seconds = train_seconds
+    summary.total_seconds = time.time() - started
+    summary.write()
+    print_summary(summary)
+    return summary
+
+
+def _score(enabled: bool, model: Any, tokenizer: Any, prepared: PreparedData, max_new: int, when: str,
+           bf16: bool) -> float | None:
+    if not enabled or not prepared.eval_examples:
+        return None
+    tick = time.time()
+    result = evaluate(model, tokenizer, prepared.eval_examples, max_new_tokens=max_new, bf16=bf16)
+    if result.exact_match is not None:
+        print(f"exact match {when}: {100 * result.exact_match:.1f}% on {result.count} held-out examples "
+              f"({time.time() - tick:.0f}s)", flush=True)
+    return result.exact_match
+
+
+def _release_memory() -> None:
+    """Give freed training buffers back to the OS, so evaluation does not add to training's peak."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _write_run_info(output: str, fmt: str, max_new_tokens: int) -> None:
+    with open(os.path.join(output, RUN_INFO_NAME), "w", encoding="utf-8") as fh:
+        json.dump({"format": fmt, "max_new_tokens": max_new_tokens}, fh, indent=2)
+
+
+def _say(main: bool, text: str) -> None:
+    if main:
+        print(text, flush=True)
