@@ -4,9 +4,16 @@ Both hold their weight as a quantized module (`NF4Weight` / `Int8Weight`) in ``s
 The forward dequantizes the whole weight into the compute dtype and calls one matmul; the backward gives a
 gradient to the input (and bias) only and dequantizes again instead of keeping the float weight alive between
 forward and backward: per layer that saves out*in*2..4 bytes of activation memory for a ~1 ms re-dequantization.
+
+On CPU the dequantized NF4 weight is written into a per-thread scratch buffer reused by every layer. A fresh
+multi-MiB tensor per call is handed back to the OS by glibc when freed and page-faulted in again by the next
+layer, which costs as much as the dequantization itself; the buffer only lives while one matmul reads it, and
+nothing keeps it (the autograd Function saves no tensor). CUDA's caching allocator already reuses blocks.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 from torch import nn
@@ -17,6 +24,30 @@ from .nf4 import NF4Weight, quantize_nf4
 QuantizedWeight = NF4Weight | Int8Weight
 
 
+class _Scratch(threading.local):
+    """Per-thread growable buffers, one per (dtype, device); ``take`` returns a view of the first ``numel``."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+    def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        buf = self.buffers.get((dtype, device))
+        if buf is None or buf.numel() < numel:
+            with torch.inference_mode(False):  # a normal tensor, writable whether or not inference mode is on
+                buf = self.buffers[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel]
+
+
+_SCRATCH = _Scratch()
+
+
+def _transient_weight(weight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The float weight for one matmul, in the scratch buffer when that pays (NF4 on CPU); never keep it."""
+    if isinstance(weight, NF4Weight) and weight.device.type == "cpu":
+        return weight.dequantize(dtype, scratch=_SCRATCH.take)
+    return weight.dequantize(dtype)
+
+
 class _DequantLinear(torch.autograd.Function):
     """``y = x @ W^T + b`` with W rebuilt from its quantized form in forward and again in backward."""
 
@@ -24,13 +55,13 @@ class _DequantLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:  # noqa: ANN001
         ctx.weight = weight  # the module, not a tensor: nothing float is saved for backward
         ctx.has_bias = bias is not None
-        return nn.functional.linear(x, weight.dequantize(x.dtype), bias)
+        return nn.functional.linear(x, _transient_weight(weight, x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None]:  # noqa: ANN001
         grad_x = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad @ ctx.weight.dequantize(grad.dtype)  # (..., out) @ (out, in)
+            grad_x = grad @ _transient_weight(ctx.weight, grad.dtype)  # (..., out) @ (out, in)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
         return grad_x, None, grad_b
@@ -43,7 +74,7 @@ def _forward(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None
     if torch.is_grad_enabled() and (x.requires_grad or (b is not None and b.requires_grad)):
         out = _DequantLinear.apply(x.to(dtype), weight, b)
     else:
-        out = nn.functional.linear(x.to(dtype), weight.dequantize(dtype), b)
+        out = nn.functional.linear(x.to(dtype), _transient_weight(weight, dtype), b)
     return out.to(x.dtype)
 
 

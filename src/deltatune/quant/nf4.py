@@ -150,6 +150,10 @@ def _pack(indices: torch.Tensor) -> torch.Tensor:
     return (q[0::2] << 4) | q[1::2]  # [a, b, c, d] -> [ab, cd]
 
 
+def _allocate(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.empty(numel, dtype=dtype, device=device)
+
+
 def _device_only(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> nn.Module:
     """`nn.Module._apply` that moves buffers between devices but never changes their dtype.
 
@@ -217,26 +221,53 @@ class NF4Weight(nn.Module):
         return sum(b.numel() * b.element_size() for b in self._buffers.values() if b is not None)
 
     def absmax_fp32(self) -> torch.Tensor:
-        """Per-block scales in fp32, undoing double quantization: ``dyn[q] * nested_absmax[i // 256] + offset``."""
+        """Per-block scales in fp32, undoing double quantization: ``dyn[q] * nested_absmax[i // 256] + offset``.
+
+        Runs on every forward and backward of a layer, so it is four small ops with no padding copy when the block
+        count is a multiple of 256; the roundings (one multiply, then one add) are bitsandbytes'.
+        """
         if not self.double_quant:
             return self.absmax
-        return dequantize_blockwise_8bit(self.absmax, self.nested_absmax) + self.offset
+        nblocks = self.absmax.numel()
+        if nblocks % NESTED_BLOCKSIZE:
+            return dequantize_blockwise_8bit(self.absmax, self.nested_absmax) + self.offset
+        values = dynamic_map(self.absmax.device).index_select(0, self.absmax.int())
+        values.view(-1, NESTED_BLOCKSIZE).mul_(self.nested_absmax.unsqueeze(1))
+        return values.add_(self.offset)
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def dequantize(self, dtype: torch.dtype | None = None,
+                   scratch: Callable[[int, torch.dtype, torch.device], torch.Tensor] | None = None) -> torch.Tensor:
         """The float weight, ``NF4[code] * absmax[block]`` computed in fp32 and rounded once to ``dtype``.
 
-        Bit-exact with ``bitsandbytes.functional.dequantize_4bit`` for the same codes.
+        Bit-exact with ``bitsandbytes.functional.dequantize_4bit`` for the same codes. The forward and backward of
+        every quantized layer run this, so it touches memory as little as pure PyTorch allows: one gather of two
+        values per byte (:func:`_nf4_pair_table`) straight into the result, then one in-place scale per block.
+
+        Args:
+            dtype: result dtype; None gives the original weight's.
+            scratch: ``scratch(numel, dtype, device)`` returns a 1-D tensor to write into instead of allocating; the
+                result is then a view of such a tensor, valid until the caller reuses it. On CPU this saves the
+                page faults of fresh multi-MiB buffers (see ``linear.py``); None allocates.
         """
         dtype = dtype or self.dtype
+        take = scratch or _allocate
+        device = self.packed.device
         n = self.shape.numel()
         nblocks = self.absmax.numel()
-        pairs = _nf4_pair_table(self.packed.device).index_select(0, self.packed.int())  # (nbytes,) int64
-        values = pairs.view(torch.float32)  # (2 * nbytes,): high nibble first, as packed
-        if values.numel() != nblocks * self.blocksize:
-            values = nn.functional.pad(values, (0, nblocks * self.blocksize - values.numel()))
-        out = torch.empty((nblocks, self.blocksize), dtype=dtype, device=values.device)
-        torch.mul(values.view(nblocks, self.blocksize), self.absmax_fp32().unsqueeze(1), out=out)
-        return out.view(-1)[:n].view(self.shape) if out.numel() == n else out.view(-1)[:n].reshape(self.shape)
+        nbytes = self.packed.numel()
+        index = take(nbytes, torch.int32, device).copy_(self.packed)
+        values = take(nblocks * self.blocksize, torch.float32, device)
+        torch.index_select(_nf4_pair_table(device), 0, index,
+                           out=values[:2 * nbytes].view(torch.int64))  # high nibble first, as packed
+        if values.numel() > 2 * nbytes:  # a short last block: zero its tail so the scale stays finite
+            values[2 * nbytes:] = 0
+        blocks = values.view(nblocks, self.blocksize)
+        if dtype == torch.float32:
+            out = blocks.mul_(self.absmax_fp32().unsqueeze(1))
+        else:
+            out = take(nblocks * self.blocksize, dtype, device).view(nblocks, self.blocksize)
+            torch.mul(blocks, self.absmax_fp32().unsqueeze(1), out=out)
+        return out.view(-1)[:n].view(self.shape)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's signature
         return _device_only(self, fn)
