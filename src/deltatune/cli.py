@@ -37,6 +37,7 @@ TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--save-steps", {"type": int}),
     ("--threads", {"type": int}),
     ("--precision", {"choices": ["auto", "fp32", "bf16"], "help": "auto: bf16 autocast where the hardware has it"}),
+    ("--quantize", {"choices": ["nf4", "int8"], "help": "QLoRA: store the frozen base in 4-bit NF4 or int8"}),
     ("--config", {"help": "YAML file with any of these settings; flags win over it"}),
 ]
 

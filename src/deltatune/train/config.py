@@ -16,6 +16,7 @@ METHODS = ("lora",)
 PRECISIONS = ("auto", "fp32", "bf16")
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
+QUANTIZE_BITS = {None: None, "nf4": 4, "int8": 8}  # --quantize -> bits of the frozen base
 
 @dataclass
 class TrainConfig:
@@ -48,6 +49,8 @@ class TrainConfig:
         precision: "fp32", "bf16" (autocast; the adapter and optimizer stay fp32), or "auto" =
             bf16 where the hardware computes it natively (a CUDA GPU with bf16, or a CPU with
             AVX512-BF16 / AMX), fp32 elsewhere.
+        quantize: None, "nf4" or "int8": store the frozen base's linear layers in 4 or 8 bits
+            (QLoRA); the adapter trains in float beside them.
     """
 
     model: str | None = None
@@ -73,6 +76,7 @@ class TrainConfig:
     save_steps: int = 20
     threads: int | None = None
     precision: str = "auto"
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str) and "," in self.target_modules:
@@ -102,6 +106,8 @@ class TrainConfig:
             raise ValueError(f"Unknown format {self.format!r}; expected one of {', '.join(FORMATS)}.")
         if self.precision not in PRECISIONS:
             raise ValueError(f"Unknown precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}.")
+        if self.quantize not in QUANTIZE_BITS:
+            raise ValueError(f"Unknown quantize {self.quantize!r}; expected nf4, int8 or none.")
         if self.method not in METHODS:
             raise ValueError(f"Unknown method {self.method!r}; expected one of {', '.join(METHODS)}.")
         for key in ("data", "eval_data"):

@@ -38,7 +38,22 @@ def load_adapted(adapter: str, model: str | None = None) -> tuple[PeftModel, Any
     """Base model + adapter, frozen, in eval mode, and the tokenizer."""
     source = resolve_model(base_model_of(adapter, model))
     base, tokenizer = load_model(source)
+    quantize = _run_info(adapter).get("quantize")
+    if quantize:  # the adapter learned beside a quantized base: rebuild that base the same way
+        from ..quant import quantize_model
+        from .config import QUANTIZE_BITS
+
+        quantize_model(base, bits=QUANTIZE_BITS[quantize])
     return PeftModel.from_pretrained(base, adapter, is_trainable=False), tokenizer
+
+
+def _run_info(adapter: str) -> dict[str, Any]:
+    """What deltatune train recorded beside the adapter (absent for adapters from elsewhere)."""
+    path = os.path.join(adapter, "deltatune_run.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
 
 
 def build_prompt(tokenizer: Any, history: list[dict[str, str]]) -> list[int]:
@@ -128,6 +143,9 @@ def merge(adapter: str, output: str, dtype: str = "float32", model: str | None =
         raise ValueError(f"{output!r} is a file; merge needs a folder.")
     peft_model, tokenizer = load_adapted(adapter, model)
     merged = peft_model.merge_and_unload()
+    from ..quant import dequantize_model
+
+    dequantize_model(merged, torch.float32)  # a quantized base comes back as floats; never merged into codes
     merged.config.name_or_path = output
     save_full_model(merged, tokenizer, output, dtype)
     return output

@@ -25,8 +25,9 @@ from transformers import PrinterCallback
 from ..formats.models import load_model, resolve_model
 from ..methods.lora import LoraConfig
 from ..model import get_peft_model
+from ..quant import quantize_model
 from . import data as datamod
-from .config import TrainConfig
+from .config import QUANTIZE_BITS, TrainConfig
 from .evaluate import default_max_new_tokens, evaluate
 from .report import RunSummary, plot_loss, print_summary, write_log
 from .task import BUILTIN_STEPS, builtin_splits
@@ -126,6 +127,8 @@ def train(config: TrainConfig) -> RunSummary:
         shutil.rmtree(checkpoints)
     torch.manual_seed(config.seed)  # the adapter's initial A matrices
     model, tokenizer = load_model(source)
+    if config.quantize:
+        quantize_model(model, bits=QUANTIZE_BITS[config.quantize])
     peft_model = get_peft_model(model, lora_config(config, source.path))
     trainable, all_params = peft_model.get_nb_trainable_parameters()
     if main:
@@ -159,7 +162,7 @@ def train(config: TrainConfig) -> RunSummary:
     if not main:
         return summary
     peft_model.save_pretrained(output)
-    _write_run_info(output, prepared.fmt, max_new)
+    _write_run_info(output, prepared.fmt, max_new, config.quantize)
     write_log(history, output)
     plot_loss(history, output)
     losses = [e["loss"] for e in history if "loss" in e]
@@ -198,9 +201,9 @@ def _release_memory() -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _write_run_info(output: str, fmt: str, max_new_tokens: int) -> None:
+def _write_run_info(output: str, fmt: str, max_new_tokens: int, quantize: str | None) -> None:
     with open(os.path.join(output, RUN_INFO_NAME), "w", encoding="utf-8") as fh:
-        json.dump({"format": fmt, "max_new_tokens": max_new_tokens}, fh, indent=2)
+        json.dump({"format": fmt, "max_new_tokens": max_new_tokens, "quantize": quantize}, fh, indent=2)
 
 
 def _say(main: bool, text: str) -> None:
