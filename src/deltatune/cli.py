@@ -111,12 +111,16 @@ def _add_merge(parser: argparse.ArgumentParser) -> None:
     _add_adapter_and_model(parser)
     parser.add_argument("--output", required=True, help="folder for the merged model")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    parser.add_argument("--requantize", choices=["nf4", "int8"],
+                        help="also report the rounding error of quantizing the merged model again")
 
 
 def _run_merge(args: argparse.Namespace) -> int:
-    from .train.infer import merge
+    from .train.infer import merge, requantize_report
 
     print(f"merged model written to {merge(args.adapter, args.output, args.dtype, args.model)}")
+    if args.requantize:
+        print(requantize_report(args.output, args.requantize))
     return 0
 
 

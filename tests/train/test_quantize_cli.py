@@ -15,7 +15,7 @@ from tests.train.tiny import alpaca_rows, make_tiny_model_dir, write_jsonl
 
 
 @pytest.mark.parametrize("quantize", ["nf4", "int8"])
-def test_qlora_train_then_merge_generates_like_quantized_base_plus_adapter(quantize, tmp_path):
+def test_qlora_train_then_merge_generates_like_quantized_base_plus_adapter(quantize, tmp_path, capsys):
     model_dir = make_tiny_model_dir(str(tmp_path / "model"), tie=False)
     data = write_jsonl(str(tmp_path / "data.jsonl"), alpaca_rows(24))
     run = str(tmp_path / "run")
@@ -29,7 +29,8 @@ def test_qlora_train_then_merge_generates_like_quantized_base_plus_adapter(quant
     kind = Linear4bit if quantize == "nf4" else Linear8bit
     assert any(isinstance(m, kind) for m in peft_model.modules())
     out = str(tmp_path / "merged")
-    assert cli.main(["merge", "--adapter", run, "--output", out]) == 0
+    assert cli.main(["merge", "--adapter", run, "--output", out, "--requantize", quantize]) == 0
+    assert "relative RMS error" in capsys.readouterr().out
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     assert not any(isinstance(m, (Linear4bit, Linear8bit)) for m in merged.modules())
     ids = torch.tensor([AutoTokenizer.from_pretrained(out)(
@@ -38,6 +39,13 @@ def test_qlora_train_then_merge_generates_like_quantized_base_plus_adapter(quant
     with torch.no_grad():
         assert torch.equal(merged.generate(input_ids=ids, **greedy), peft_model.generate(input_ids=ids, **greedy))
         assert torch.allclose(merged(ids).logits, peft_model(ids).logits, atol=1e-4)
+    from deltatune.quant import load_quantized
+
+    again = load_quantized(out, bits=4 if quantize == "nf4" else 8)  # the re-quantized export
+    assert any(isinstance(m, kind) for m in again.modules())
+    with torch.no_grad():
+        drift = (again(ids).logits - merged(ids).logits).norm() / merged(ids).logits.norm()
+    assert 0 < drift < 0.5  # rounding moves the outputs (tiny random model: ~0.3), unrelated outputs give ~1.4
 
 
 def test_unknown_quantize_is_refused():

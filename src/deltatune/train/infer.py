@@ -149,3 +149,21 @@ def merge(adapter: str, output: str, dtype: str = "float32", model: str | None =
     merged.config.name_or_path = output
     save_full_model(merged, tokenizer, output, dtype)
     return output
+
+
+def requantize_report(merged_dir: str, quantize: str) -> str:
+    """What quantizing a merged model folder again would cost, and how to load it so.
+
+    The merged update is not a multiple of the NF4/int8 grid, so re-quantizing rounds part of it
+    away; this says how much, over all linear layers, before anyone ships such a model.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from ..quant import requantization_error
+    from .config import QUANTIZE_BITS
+
+    bits = QUANTIZE_BITS[quantize]
+    error = requantization_error(AutoModelForCausalLM.from_pretrained(merged_dir), bits=bits)
+    return (f"re-quantizing to {quantize}: relative RMS error {error['relative_rms_error']:.4f}, "
+            f"max abs error {error['max_abs_error']:.4g} over the linear layers; load it so with "
+            f"deltatune.quant.load_quantized({merged_dir!r}, bits={bits})")

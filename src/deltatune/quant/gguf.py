@@ -1,0 +1,157 @@
+"""Load a Llama-architecture GGUF file straight into 4 (or 8) bits, one tensor at a time.
+
+The same scheme as :mod:`deltatune.quant.load`, with a GGUF file as the source: the config comes from the file's
+metadata (through transformers, as its own ``from_pretrained(..., gguf_file=...)`` builds it), the model is created
+on the meta device with quantized shells for its linear layers, then each GGUF tensor is read, dequantized to
+float32 with gguf-py (a few rows at a time, into the final array), un-permuted where llama.cpp permuted it (the
+q/k projections, for its rotary layout), mapped to its transformers name, and quantized or placed by
+:func:`deltatune.quant.load._place`. The result is what quantizing the float model that transformers loads from
+the same file gives, bit for bit, without that float model ever existing.
+
+Tensor bytes are read with plain file reads (the reader's memory map serves only the metadata), for the reason
+given in :mod:`deltatune.quant.load`: touched map pages would count as resident memory.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .convert import quantize_model
+from .load import _materialize_computed_buffers, _place
+
+logger = logging.getLogger(__name__)
+
+_CHUNK_BYTES = 8 << 20  # float32 output per dequantization step: bounds gguf-py's temporaries to a few times this
+
+
+def _dequantize_rows(f: Any, tensor: Any) -> np.ndarray:
+    """The float32 array of one GGUF tensor, read from the open file ``f`` and dequantized a slab of rows at a time.
+
+    ``tensor`` is a ``gguf.ReaderTensor``; only its metadata is used (``data`` is a memory-map view whose pages are
+    not touched). The shape is gguf-py's: (rows, columns) for a matrix, i.e. transformers' (out, in).
+    """
+    from gguf import dequantize
+
+    raw_shape = tuple(int(s) for s in tensor.data.shape)
+    raw_dtype = tensor.data.dtype
+    rows = raw_shape[0]
+    row_bytes = int(tensor.n_bytes) // rows
+    out = None
+    step = 1
+    i = 0
+    f.seek(int(tensor.data_offset))
+    while i < rows:
+        n = min(step, rows - i)
+        buf = bytearray(n * row_bytes)
+        if f.readinto(buf) != len(buf):
+            raise ValueError(f"GGUF file ends inside tensor {tensor.name!r}")
+        part = dequantize(np.frombuffer(buf, dtype=raw_dtype).reshape(n, *raw_shape[1:]), tensor.tensor_type)
+        if out is None:
+            out = np.empty((rows, *part.shape[1:]), dtype=np.float32)
+            step = max(1, _CHUNK_BYTES // max(1, part[:1].nbytes))
+        out[i:i + n] = part
+        i += n
+        del buf, part
+    return out
+
+
+def iter_gguf(path: str | Path, model: nn.Module, config: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(transformers name, float32 tensor)`` for each tensor of a GGUF file that ``model`` has.
+
+    Args:
+        path: the .gguf file.
+        model: the (meta-device, not yet quantized) transformers model, for the name mapping.
+        config: the config as a dict (``num_attention_heads``, ``num_key_value_heads`` for the q/k un-permutation).
+
+    Tensors the model lacks are skipped with a warning; only architectures whose GGUF tensors map one to one onto
+    transformers ones (Llama and the like) are handled.
+    """
+    from gguf import GGUFReader
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        LlamaTensorProcessor,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+        read_field,
+    )
+
+    reader = GGUFReader(path)
+    architecture = read_field(reader, "general.architecture")[0]
+    processor_class = TENSOR_PROCESSORS.get(architecture, TensorProcessor)
+    if processor_class not in (TensorProcessor, LlamaTensorProcessor):
+        raise NotImplementedError(f"{path}: GGUF architecture {architecture!r} needs tensor processing "
+                                  f"({processor_class.__name__}) that this loader does not do")
+    processor = processor_class(config=config)
+    names = get_gguf_hf_weights_map(model, processor)
+    unexpected = []
+    with open(path, "rb") as f:
+        for tensor in reader.tensors:
+            weights = _dequantize_rows(f, tensor)
+            # the same un-permutation (q/k) as transformers; exact, numpy only moves values
+            result = processor.process(weights=weights, name=tensor.name, tensor_key_mapping=names,
+                                       parsed_parameters={})
+            del weights
+            if result.name not in names:
+                unexpected.append(result.name)
+                continue
+            yield names[result.name], torch.from_numpy(np.ascontiguousarray(result.weights))
+            del result
+    if unexpected:
+        logger.warning("ignored %d GGUF tensors the model does not have: %s", len(unexpected), unexpected[:5])
+
+
+def load_gguf_quantized(path: str | Path, bits: int = 4, compute_dtype: torch.dtype | None = None,
+                        blocksize: int = 64, double_quant: bool = True, skip_modules: Iterable[str] | None = None,
+                        dtype: torch.dtype | None = None) -> nn.Module:
+    """Build a transformers causal LM from a GGUF file with its linear layers in NF4 (or int8), streaming.
+
+    Args:
+        path: the .gguf file (Llama architecture, or one whose tensors need no more than Llama's q/k un-permutation).
+        bits, compute_dtype, blocksize, double_quant, skip_modules: as in :func:`quantize_model`.
+        dtype: float dtype for the tensors that stay float (and the recorded dtype of quantized ones);
+            None keeps float32, what GGUF tensors dequantize to.
+
+    Returns:
+        The model in eval mode, on CPU; a tied output head shares the input embedding.
+
+    Raises:
+        FileNotFoundError: no such file.
+        NotImplementedError: an architecture whose GGUF tensors need processing this loader does not do.
+        ValueError: a tensor whose shape disagrees with the model, or model tensors the file lacks.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM  # heavy; only here
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no GGUF file at {path}")
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    with torch.device("meta"):  # no float weight is ever allocated, nor randomly initialized
+        model = AutoModelForCausalLM.from_config(config)
+    gguf_tensors = iter_gguf(path, model, config.to_dict())  # the name map is read off the float model: do it first
+    first = next(gguf_tensors, None)
+    quantize_model(model, bits, compute_dtype, blocksize, double_quant, skip_modules)
+    unexpected = []
+    for key, tensor in ([first] if first is not None else []) + [*()] or ():
+        if not _place(model, key, tensor, set(), dtype, blocksize, double_quant):
+            unexpected.append(key)
+    del first
+    for key, tensor in gguf_tensors:
+        if not _place(model, key, tensor, set(), dtype, blocksize, double_quant):
+            unexpected.append(key)
+        del tensor
+    if unexpected:
+        logger.warning("ignored %d GGUF tensors the model does not have: %s", len(unexpected), unexpected[:5])
+    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    _materialize_computed_buffers(model)
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if missing:
+        raise ValueError(f"{path}: the file lacks {len(missing)} model tensors, e.g. {missing[:5]}")
+    return model.eval()
