@@ -90,8 +90,14 @@ def resolve_model(name_or_path: str | os.PathLike | None) -> ModelSource:
     raise FileNotFoundError(f"--model {name_or_path!r} does not exist (expected an HF model folder or a .gguf file).")
 
 
-def load_model(source: ModelSource, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+def load_model(
+    source: ModelSource, dtype: torch.dtype = torch.float32, quantize_bits: int | None = None
+) -> tuple[nn.Module, Any]:
     """Load a causal LM and its tokenizer from ``source`` (GGUF weights are dequantized to ``dtype``).
+
+    Args:
+        quantize_bits: 4 or 8 loads the linear layers straight into NF4 / int8, one tensor at a
+            time, so the float model is never built whole (QLoRA on a machine it would not fit).
 
     Returns:
         (model, tokenizer): the model in eval mode; the tokenizer has a pad token.
@@ -100,7 +106,16 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.float32) -> tuple
 
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(source.directory, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=dtype, **kwargs)
+    if quantize_bits and source.gguf_file:
+        from ..quant.gguf import load_gguf_quantized
+
+        model = load_gguf_quantized(source.path, bits=quantize_bits, dtype=dtype)
+    elif quantize_bits:
+        from ..quant import load_quantized
+
+        model = load_quantized(source.directory, bits=quantize_bits, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=dtype, **kwargs)
     if source.gguf_file:
         _forget_gguf_quantizer(model)
         model.config.name_or_path = source.path

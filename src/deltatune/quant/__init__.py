@@ -6,6 +6,7 @@ Nothing here knows about adapters: LoRA and friends wrap a `Linear4bit` / `Linea
 
 from .bnb import from_bnb, nf4_from_bnb_state_dict, nf4_from_quant_state, to_bnb
 from .convert import dequantize_model, quantize_model, requantization_error
+from .gguf import load_gguf_quantized
 from .int8 import Int8Weight, quantize_int8
 from .kbit import prepare_model_for_kbit_training
 from .linear import Linear4bit, Linear8bit
@@ -13,7 +14,7 @@ from .load import load_quantized
 from .nf4 import NF4Weight, quantize_nf4
 
 __all__ = [
-    "Int8Weight", "Linear4bit", "Linear8bit", "NF4Weight", "dequantize_model", "from_bnb", "load_quantized",
+    "Int8Weight", "Linear4bit", "Linear8bit", "NF4Weight", "dequantize_model", "from_bnb", "load_gguf_quantized", "load_quantized",
     "nf4_from_bnb_state_dict", "nf4_from_quant_state", "prepare_model_for_kbit_training", "quantize_int8",
     "quantize_model", "quantize_nf4", "requantization_error", "to_bnb",
 ]  # fmt: skip

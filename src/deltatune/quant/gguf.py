@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -31,22 +31,31 @@ logger = logging.getLogger(__name__)
 _CHUNK_BYTES = 8 << 20  # float32 output per dequantization step: bounds gguf-py's temporaries to a few times this
 
 
-def _dequantize_rows(f: Any, tensor: Any) -> np.ndarray:
+class _TensorInfo(NamedTuple):
+    name: str
+    raw_shape: tuple[int, ...]
+    raw_dtype: np.dtype
+    data_offset: int
+    n_bytes: int
+    tensor_type: Any
+
+
+def _dequantize_rows(f: Any, tensor: _TensorInfo) -> np.ndarray:
     """The float32 array of one GGUF tensor, read from the open file ``f`` and dequantized a slab of rows at a time.
 
-    ``tensor`` is a ``gguf.ReaderTensor``; only its metadata is used (``data`` is a memory-map view whose pages are
-    not touched). The shape is gguf-py's: (rows, columns) for a matrix, i.e. transformers' (out, in).
+    ``tensor`` holds a ``gguf.ReaderTensor``'s metadata: ``raw_shape`` and ``raw_dtype`` are those of its ``data``
+    (rows of packed blocks for a quantized type). The shape is gguf-py's: (rows, columns) for a matrix, i.e.
+    transformers' (out, in).
     """
     from gguf import dequantize
 
-    raw_shape = tuple(int(s) for s in tensor.data.shape)
-    raw_dtype = tensor.data.dtype
+    raw_shape, raw_dtype = tensor.raw_shape, tensor.raw_dtype
     rows = raw_shape[0]
-    row_bytes = int(tensor.n_bytes) // rows
+    row_bytes = tensor.n_bytes // rows
     out = None
     step = 1
     i = 0
-    f.seek(int(tensor.data_offset))
+    f.seek(tensor.data_offset)
     while i < rows:
         n = min(step, rows - i)
         buf = bytearray(n * row_bytes)
@@ -70,7 +79,8 @@ def iter_gguf(path: str | Path, model: nn.Module, config: dict) -> Iterator[tupl
         model: the (meta-device, not yet quantized) transformers model, for the name mapping.
         config: the config as a dict (``num_attention_heads``, ``num_key_value_heads`` for the q/k un-permutation).
 
-    Tensors the model lacks are skipped with a warning; only architectures whose GGUF tensors map one to one onto
+    The name mapping is done on the call, the reading lazily as the iterator is consumed. Tensors the model
+    lacks are skipped with a warning; only architectures whose GGUF tensors map one to one onto
     transformers ones (Llama and the like) are handled.
     """
     from gguf import GGUFReader
@@ -89,22 +99,31 @@ def iter_gguf(path: str | Path, model: nn.Module, config: dict) -> Iterator[tupl
         raise NotImplementedError(f"{path}: GGUF architecture {architecture!r} needs tensor processing "
                                   f"({processor_class.__name__}) that this loader does not do")
     processor = processor_class(config=config)
-    names = get_gguf_hf_weights_map(model, processor)
-    unexpected = []
-    with open(path, "rb") as f:
-        for tensor in reader.tensors:
-            weights = _dequantize_rows(f, tensor)
-            # the same un-permutation (q/k) as transformers; exact, numpy only moves values
-            result = processor.process(weights=weights, name=tensor.name, tensor_key_mapping=names,
-                                       parsed_parameters={})
-            del weights
-            if result.name not in names:
-                unexpected.append(result.name)
-                continue
-            yield names[result.name], torch.from_numpy(np.ascontiguousarray(result.weights))
-            del result
-    if unexpected:
-        logger.warning("ignored %d GGUF tensors the model does not have: %s", len(unexpected), unexpected[:5])
+    names = get_gguf_hf_weights_map(model, processor)  # now, not at the first next(): the model may change after
+    # keep only what the reads need: the reader's parsed metadata (the tokenizer's ~100k strings as numpy
+    # objects) is tens of MiB that would otherwise stay alive for the whole load
+    tensors = [_TensorInfo(t.name, tuple(int(d) for d in t.data.shape), t.data.dtype, int(t.data_offset),
+                           int(t.n_bytes), t.tensor_type) for t in reader.tensors]
+    del reader
+
+    def stream() -> Iterator[tuple[str, torch.Tensor]]:
+        unexpected = []
+        with open(path, "rb") as f:
+            for tensor in tensors:
+                if tensor.name not in names:  # processing keeps Llama's names; skip before reading
+                    unexpected.append(tensor.name)
+                    continue
+                weights = _dequantize_rows(f, tensor)
+                # the same un-permutation (q/k) as transformers; exact, numpy only moves values
+                result = processor.process(weights=weights, name=tensor.name, tensor_key_mapping=names,
+                                           parsed_parameters={})
+                del weights
+                yield names[result.name], torch.from_numpy(np.ascontiguousarray(result.weights))
+                del result
+        if unexpected:
+            logger.warning("ignored %d GGUF tensors the model does not have: %s", len(unexpected), unexpected[:5])
+
+    return stream()
 
 
 def load_gguf_quantized(path: str | Path, bits: int = 4, compute_dtype: torch.dtype | None = None,
@@ -134,20 +153,15 @@ def load_gguf_quantized(path: str | Path, bits: int = 4, compute_dtype: torch.dt
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     with torch.device("meta"):  # no float weight is ever allocated, nor randomly initialized
         model = AutoModelForCausalLM.from_config(config)
-    gguf_tensors = iter_gguf(path, model, config.to_dict())  # the name map is read off the float model: do it first
-    first = next(gguf_tensors, None)
+    gguf_tensors = iter_gguf(path, model, config.to_dict())  # maps names off the float model: before quantizing
     quantize_model(model, bits, compute_dtype, blocksize, double_quant, skip_modules)
     unexpected = []
-    for key, tensor in ([first] if first is not None else []) + [*()] or ():
-        if not _place(model, key, tensor, set(), dtype, blocksize, double_quant):
-            unexpected.append(key)
-    del first
     for key, tensor in gguf_tensors:
         if not _place(model, key, tensor, set(), dtype, blocksize, double_quant):
             unexpected.append(key)
         del tensor
     if unexpected:
-        logger.warning("ignored %d GGUF tensors the model does not have: %s", len(unexpected), unexpected[:5])
+        logger.warning("ignored %d mapped GGUF tensors the model has no slot for: %s", len(unexpected), unexpected[:5])
     if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
         model.tie_weights()
     _materialize_computed_buffers(model)

@@ -36,14 +36,11 @@ def base_model_of(adapter: str, model: str | None = None) -> str | None:
 
 def load_adapted(adapter: str, model: str | None = None) -> tuple[PeftModel, Any]:
     """Base model + adapter, frozen, in eval mode, and the tokenizer."""
-    source = resolve_model(base_model_of(adapter, model))
-    base, tokenizer = load_model(source)
-    quantize = _run_info(adapter).get("quantize")
-    if quantize:  # the adapter learned beside a quantized base: rebuild that base the same way
-        from ..quant import quantize_model
-        from .config import QUANTIZE_BITS
+    from .config import QUANTIZE_BITS
 
-        quantize_model(base, bits=QUANTIZE_BITS[quantize])
+    source = resolve_model(base_model_of(adapter, model))
+    # an adapter that learned beside a quantized base gets that base rebuilt the same way
+    base, tokenizer = load_model(source, quantize_bits=QUANTIZE_BITS[_run_info(adapter).get("quantize")])
     return PeftModel.from_pretrained(base, adapter, is_trainable=False), tokenizer
 
 

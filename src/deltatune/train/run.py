@@ -25,7 +25,6 @@ from transformers import PrinterCallback
 from ..formats.models import load_model, resolve_model
 from ..methods.lora import LoraConfig
 from ..model import get_peft_model
-from ..quant import quantize_model
 from . import data as datamod
 from .config import QUANTIZE_BITS, TrainConfig
 from .evaluate import default_max_new_tokens, evaluate
@@ -126,9 +125,7 @@ def train(config: TrainConfig) -> RunSummary:
         print(f"removing checkpoints of an earlier run in {checkpoints} (use --resume to continue it)")
         shutil.rmtree(checkpoints)
     torch.manual_seed(config.seed)  # the adapter's initial A matrices
-    model, tokenizer = load_model(source)
-    if config.quantize:
-        quantize_model(model, bits=QUANTIZE_BITS[config.quantize])
+    model, tokenizer = load_model(source, quantize_bits=QUANTIZE_BITS[config.quantize])
     peft_model = get_peft_model(model, lora_config(config, source.path))
     trainable, all_params = peft_model.get_nb_trainable_parameters()
     if main:
