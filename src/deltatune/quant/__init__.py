@@ -14,7 +14,8 @@ from .load import load_quantized
 from .nf4 import NF4Weight, quantize_nf4
 
 __all__ = [
-    "Int8Weight", "Linear4bit", "Linear8bit", "NF4Weight", "dequantize_model", "from_bnb", "load_gguf_quantized", "load_quantized",
+    "Int8Weight", "Linear4bit", "Linear8bit", "NF4Weight", "dequantize_model", "from_bnb", "load_gguf_quantized",
+    "load_quantized",
     "nf4_from_bnb_state_dict", "nf4_from_quant_state", "prepare_model_for_kbit_training", "quantize_int8",
     "quantize_model", "quantize_nf4", "requantization_error", "to_bnb",
 ]  # fmt: skip
