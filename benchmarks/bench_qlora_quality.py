@@ -1,10 +1,10 @@
 """QLoRA against float LoRA on the main job's built-in task: same settings, only the base differs.
 
-Runs ``deltatune train`` (the default run) once per base storage (float, NF4, optionally int8),
+Runs ``deltatune train`` (the default run) once per base storage (float, NF4, optionally FP4 and int8),
 each in its own process, and prints the held-out exact match before and after training side by
 side with the wall time. The bar (issue 4): NF4 within 2 points of float. Run by hand:
 
-    python benchmarks/bench_qlora_quality.py [--variants float,nf4,int8] [--json out.json] [-- extra train flags]
+    python benchmarks/bench_qlora_quality.py [--variants float,nf4,fp4,int8] [--json out.json] [-- extra train flags]
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import subprocess
 import sys
 import time
 
-QUANTIZE_FLAGS = {"float": [], "nf4": ["--quantize", "nf4"], "int8": ["--quantize", "int8"]}
+QUANTIZE_FLAGS = {"float": [], "nf4": ["--quantize", "nf4"], "fp4": ["--quantize", "fp4"],
+                  "int8": ["--quantize", "int8"]}
 
 
 def run_variant(name: str, root: str, extra: list[str]) -> dict[str, object]:
@@ -38,7 +39,7 @@ def run_variant(name: str, root: str, extra: list[str]) -> dict[str, object]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", default="float,nf4", help="comma list from float, nf4, int8")
+    parser.add_argument("--variants", default="float,nf4", help="comma list from float, nf4, fp4, int8")
     parser.add_argument("--root", default=os.path.join("runs", "quality"))
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("extra", nargs="*", help="extra flags for deltatune train (after --)")

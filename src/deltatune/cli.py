@@ -37,7 +37,8 @@ TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--save-steps", {"type": int}),
     ("--threads", {"type": int}),
     ("--precision", {"choices": ["auto", "fp32", "bf16"], "help": "auto: bf16 autocast where the hardware has it"}),
-    ("--quantize", {"choices": ["nf4", "int8"], "help": "QLoRA: store the frozen base in 4-bit NF4 or int8"}),
+    ("--quantize", {"choices": ["nf4", "fp4", "int8"],
+                    "help": "QLoRA: store the frozen base in 4-bit NF4 (or FP4) or int8"}),
     ("--config", {"help": "YAML file with any of these settings; flags win over it"}),
 ]
 
@@ -111,7 +112,7 @@ def _add_merge(parser: argparse.ArgumentParser) -> None:
     _add_adapter_and_model(parser)
     parser.add_argument("--output", required=True, help="folder for the merged model")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
-    parser.add_argument("--requantize", choices=["nf4", "int8"],
+    parser.add_argument("--requantize", choices=["nf4", "fp4", "int8"],
                         help="also report the rounding error of quantizing the merged model again")
 
 

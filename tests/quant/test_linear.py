@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from deltatune.quant import Linear4bit, Linear8bit, NF4Weight, quantize_model
+from deltatune.quant import Linear4bit, Linear8bit, Weight4bit, quantize_arguments, quantize_model
 from tests.conftest import logits, make_model, model_inputs
 
 
@@ -46,16 +46,19 @@ def test_backward_gives_input_and_bias_grads_and_saves_no_float_weight(cls):
     assert torch.allclose(layer.bias.grad, grad.sum(0))
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_quantize_model_replaces_every_linear_but_the_head(bits):
+@pytest.mark.parametrize("name", ["nf4", "fp4", "int8"])
+def test_quantize_model_replaces_every_linear_but_the_head(name):
     model = make_model("llama")
     inputs = model_inputs("llama")
     before = logits(model, inputs)
     n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
-    quantize_model(model, bits=bits)
+    quantize_model(model, **quantize_arguments(name))
+    bits = 8 if name == "int8" else 4
     cls = Linear4bit if bits == 4 else Linear8bit
     assert sum(isinstance(m, cls) for m in model.modules()) == n_linear - 1
     assert type(model.lm_head) is nn.Linear
+    if bits == 4:
+        assert all(m.weight.quant_type == name for m in model.modules() if isinstance(m, Linear4bit))
     tolerance = 0.1 if bits == 4 else 0.01
     assert (logits(model, inputs) - before).abs().max() < tolerance
 
@@ -83,6 +86,11 @@ def test_explicit_modules_and_errors():
         quantize_model(model, modules=["nope"])
     with pytest.raises(ValueError, match="bits"):
         quantize_model(model, bits=3)
+    with pytest.raises(ValueError, match="quant_type must be one of"):
+        quantize_model(model, quant_type="fp8")
+    assert sum(isinstance(m, Linear4bit) for m in model.modules()) == 1  # refused before any change
+    with pytest.raises(ValueError, match="expected one of nf4, fp4, int8"):
+        quantize_arguments("nf3")
     with pytest.raises(ValueError, match="Conv2d"):
         quantize_model(nn.Sequential(nn.Conv2d(3, 3, 3)), modules=["0"])
 
@@ -97,4 +105,4 @@ def test_meta_linear_gives_an_empty_shell():
     with torch.device("meta"):
         linear = nn.Linear(128, 64)
     layer = Linear4bit.from_linear(linear)
-    assert isinstance(layer.weight, NF4Weight) and layer.weight.packed.is_meta and layer.weight.shape == (64, 128)
+    assert isinstance(layer.weight, Weight4bit) and layer.weight.packed.is_meta and layer.weight.shape == (64, 128)

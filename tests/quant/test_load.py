@@ -24,15 +24,16 @@ from deltatune.quant.load import iter_safetensors
 from tests.conftest import logits, make_model, model_inputs
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("tie", [False, True])
-def test_streamed_load_equals_quantizing_in_memory(tmp_path, tie):
+def test_streamed_load_equals_quantizing_in_memory(tmp_path, tie, quant_type):
     model = make_model("llama")
     if tie:
         model.config.tie_word_embeddings = True
         model.lm_head.weight = model.model.embed_tokens.weight
     model.save_pretrained(tmp_path)
-    loaded = load_quantized(tmp_path)
-    reference = quantize_model(model)
+    loaded = load_quantized(tmp_path, quant_type=quant_type)
+    reference = quantize_model(model, quant_type=quant_type)
     assert sum(isinstance(m, Linear4bit) for m in loaded.modules()) == 14
     for (name, a), (_, b) in zip(loaded.named_modules(), reference.named_modules(), strict=True):
         if isinstance(a, Linear4bit):
@@ -98,8 +99,8 @@ def test_peak_memory_stays_near_the_quantized_size(tmp_path):
     config.save_pretrained(tmp_path)
     make_model("llama").save_pretrained(tmp_path / "tiny")
     largest = max(t.numel() * t.element_size() for _, t in iter_safetensors(tmp_path / "model.safetensors"))
-    result = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path), str(tmp_path / "tiny")], capture_output=True, text=True, check=True,
-                            env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
+    result = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path), str(tmp_path / "tiny")], capture_output=True,
+                            text=True, check=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
     m = json.loads(result.stdout.strip().splitlines()[-1])
     used = m["peak"] - m["base"]
     print(f"peak {used / 2**20:.1f} MiB, final {m['final'] / 2**20:.1f} MiB, largest {largest / 2**20:.1f} MiB")

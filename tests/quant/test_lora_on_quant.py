@@ -10,15 +10,16 @@ import torch
 
 import deltatune as dt
 from deltatune.adapter_layer import adapter_layers
-from deltatune.quant import Linear4bit, Linear8bit, prepare_model_for_kbit_training, quantize_model
+from deltatune.quant import Linear4bit, Linear8bit, prepare_model_for_kbit_training, quantize_arguments, quantize_model
 from tests.conftest import logits, make_model, model_inputs, perturb
 
 
-@pytest.fixture(params=[4, 8], ids=["nf4", "int8"])
+@pytest.fixture(params=["nf4", "fp4", "int8"])
 def quantized_llama(request):
     model = make_model("llama")
-    quantize_model(model, bits=request.param)
-    return request.param, model
+    arguments = quantize_arguments(request.param)
+    quantize_model(model, **arguments)
+    return arguments["bits"], model
 
 
 def test_lora_wraps_quantized_layers_and_starts_as_base(quantized_llama):

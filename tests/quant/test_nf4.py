@@ -1,12 +1,12 @@
-"""NF4 and int8 weights against bitsandbytes (CPU backend): same codes, same scales, same dequantized bits."""
+"""NF4, FP4 and int8 weights against bitsandbytes (CPU backend): same codes, same scales, same dequantized bits."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from deltatune.quant import quantize_int8, quantize_nf4
-from deltatune.quant.nf4 import dynamic_map, nf4_code
+from deltatune.quant import quantize_4bit, quantize_int8, quantize_nf4
+from deltatune.quant.nf4 import dynamic_map, fp4_code, nf4_code
 
 bnb_f = pytest.importorskip("bitsandbytes.functional")
 bnb_ops = pytest.importorskip("bitsandbytes.backends.default.ops")
@@ -15,28 +15,33 @@ SHAPES = [(64, 64), (96, 70), (33, 1000), (300, 301), (3, 5), (7,), (2, 3, 128)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def bnb_reference(packed: torch.Tensor, state) -> torch.Tensor:  # noqa: ANN001
+def bnb_reference(packed: torch.Tensor, state, quant_type: str = "nf4") -> torch.Tensor:  # noqa: ANN001
     """bitsandbytes' own PyTorch kernel (the CUDA kernel's semantics), with its nested absmax."""
     absmax = state.absmax
     if state.nested:
         absmax = bnb_f.dequantize_blockwise(state.absmax, state.state2) + state.offset
-    code = bnb_f.get_4bit_type("nf4", device="cpu")
+    code = bnb_f.get_4bit_type(quant_type, device="cpu")
     return bnb_ops._dequantize_4bit_compute.__wrapped__(packed.view(-1), absmax, code, state.blocksize, state.shape,
                                                         state.dtype)
 
 
 def test_code_tables_equal_bitsandbytes():
     assert torch.equal(nf4_code(), bnb_f.get_4bit_type("nf4", device="cpu"))
+    assert torch.equal(fp4_code(), bnb_f.get_4bit_type("fp4", device="cpu"))
     assert torch.equal(dynamic_map(), bnb_f.create_dynamic_map())
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_quantize_and_dequantize_are_bit_exact(shape, dtype, double_quant):
+def test_quantize_and_dequantize_are_bit_exact(shape, dtype, double_quant, quant_type):
     weight = (torch.randn(shape) * 0.05).to(dtype)
-    packed, state = bnb_f.quantize_4bit(weight, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
-    ours = quantize_nf4(weight, blocksize=64, double_quant=double_quant)
+    flat = weight.view(-1)
+    flat[: min(4, flat.numel())] = torch.tensor([0.0, -0.0, 1e-7, -1e-7])[: min(4, flat.numel())].to(dtype)  # the zeros
+    packed, state = bnb_f.quantize_4bit(weight, blocksize=64, compress_statistics=double_quant, quant_type=quant_type)
+    ours = quantize_4bit(weight, blocksize=64, double_quant=double_quant, quant_type=quant_type)
+    assert ours.quant_type == quant_type
     assert torch.equal(ours.packed, packed.view(-1))
     assert torch.equal(ours.absmax, state.absmax)
     if double_quant:
@@ -44,7 +49,7 @@ def test_quantize_and_dequantize_are_bit_exact(shape, dtype, double_quant):
         assert torch.equal(ours.offset, state.offset)
     out = ours.dequantize()
     assert out.dtype == dtype and out.shape == weight.shape
-    assert torch.equal(out, bnb_reference(packed, state))
+    assert torch.equal(out, bnb_reference(packed, state, quant_type))
     if shape[-1] % 64 == 0 or len(shape) == 1 or shape == (96, 70):
         # bitsandbytes 0.50's CPU C kernel mis-assigns blocks when a row is not a whole number of blocks,
         # e.g. (300, 301); where it is right, we agree with the public function too

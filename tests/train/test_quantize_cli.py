@@ -1,4 +1,4 @@
-"""deltatune train --quantize nf4|int8 (QLoRA) and merging such an adapter."""
+"""deltatune train --quantize nf4|fp4|int8 (QLoRA) and merging such an adapter."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from deltatune.train.infer import load_adapted
 from tests.train.tiny import alpaca_rows, make_tiny_model_dir, write_jsonl
 
 
-@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+@pytest.mark.parametrize("quantize", ["nf4", "fp4", "int8"])
 def test_qlora_train_then_merge_generates_like_quantized_base_plus_adapter(quantize, tmp_path, capsys):
     model_dir = make_tiny_model_dir(str(tmp_path / "model"), tie=False)
     data = write_jsonl(str(tmp_path / "data.jsonl"), alpaca_rows(24))
@@ -26,8 +26,10 @@ def test_qlora_train_then_merge_generates_like_quantized_base_plus_adapter(quant
         assert json.load(fh)["quantize"] == quantize
 
     peft_model, tokenizer = load_adapted(run)  # rebuilds the quantized base the adapter learned beside
-    kind = Linear4bit if quantize == "nf4" else Linear8bit
+    kind = Linear8bit if quantize == "int8" else Linear4bit
     assert any(isinstance(m, kind) for m in peft_model.modules())
+    if kind is Linear4bit:
+        assert {m.weight.quant_type for m in peft_model.modules() if isinstance(m, kind)} == {quantize}
     out = str(tmp_path / "merged")
     assert cli.main(["merge", "--adapter", run, "--output", out, "--requantize", quantize]) == 0
     assert "relative RMS error" in capsys.readouterr().out
@@ -39,9 +41,9 @@ def test_qlora_train_then_merge_generates_like_quantized_base_plus_adapter(quant
     with torch.no_grad():
         assert torch.equal(merged.generate(input_ids=ids, **greedy), peft_model.generate(input_ids=ids, **greedy))
         assert torch.allclose(merged(ids).logits, peft_model(ids).logits, atol=1e-4)
-    from deltatune.quant import load_quantized
+    from deltatune.quant import load_quantized, quantize_arguments
 
-    again = load_quantized(out, bits=4 if quantize == "nf4" else 8)  # the re-quantized export
+    again = load_quantized(out, **quantize_arguments(quantize))  # the re-quantized export
     assert any(isinstance(m, kind) for m in again.modules())
     with torch.no_grad():
         drift = (again(ids).logits - merged(ids).logits).norm() / merged(ids).logits.norm()

@@ -91,13 +91,13 @@ def resolve_model(name_or_path: str | os.PathLike | None) -> ModelSource:
 
 
 def load_model(
-    source: ModelSource, dtype: torch.dtype = torch.float32, quantize_bits: int | None = None
+    source: ModelSource, dtype: torch.dtype = torch.float32, quantize: str | None = None
 ) -> tuple[nn.Module, Any]:
     """Load a causal LM and its tokenizer from ``source`` (GGUF weights are dequantized to ``dtype``).
 
     Args:
-        quantize_bits: 4 or 8 loads the linear layers straight into NF4 / int8, one tensor at a
-            time, so the float model is never built whole (QLoRA on a machine it would not fit).
+        quantize: "nf4", "fp4" or "int8" loads the linear layers straight into that format, one tensor
+            at a time, so the float model is never built whole (QLoRA on a machine it would not fit).
 
     Returns:
         (model, tokenizer): the model in eval mode; the tokenizer has a pad token.
@@ -106,14 +106,13 @@ def load_model(
 
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(source.directory, **kwargs)
-    if quantize_bits and source.gguf_file:
-        from ..quant.gguf import load_gguf_quantized
+    if quantize:
+        from ..quant import load_gguf_quantized, load_quantized, quantize_arguments
 
-        model = load_gguf_quantized(source.path, bits=quantize_bits, dtype=dtype)
-    elif quantize_bits:
-        from ..quant import load_quantized
-
-        model = load_quantized(source.directory, bits=quantize_bits, dtype=dtype)
+        if source.gguf_file:
+            model = load_gguf_quantized(source.path, dtype=dtype, **quantize_arguments(quantize))
+        else:
+            model = load_quantized(source.directory, dtype=dtype, **quantize_arguments(quantize))
     else:
         model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=dtype, **kwargs)
     if source.gguf_file:

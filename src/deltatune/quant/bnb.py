@@ -1,9 +1,10 @@
-"""Interchange with bitsandbytes: the same NF4 bytes, moved in either direction without requantizing.
+"""Interchange with bitsandbytes: the same NF4 (or FP4) bytes, moved in either direction without requantizing.
 
-`to_bnb` / `from_bnb` convert layers (bitsandbytes is imported only inside them). `nf4_from_bnb_state_dict`
+`to_bnb` / `from_bnb` convert layers (bitsandbytes is imported only inside them). `weight_from_bnb_state_dict`
 reads the tensors bitsandbytes and transformers write for a 4-bit layer (``weight``, ``weight.absmax``,
 ``weight.quant_map``, ``weight.nested_absmax``, ``weight.nested_quant_map``,
-``weight.quant_state.bitsandbytes__nf4``) with torch and json alone, so such checkpoints load without bitsandbytes.
+``weight.quant_state.bitsandbytes__nf4`` or ``__fp4``) with torch and json alone, so such checkpoints load
+without bitsandbytes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 
 from .linear import Linear4bit
-from .nf4 import NESTED_BLOCKSIZE, NF4Weight, dynamic_map, nf4_code
+from .nf4 import NESTED_BLOCKSIZE, QUANT_TYPES, Weight4bit, code_table, dynamic_map
 
 
 def _require(present: dict[str, Any], where: str) -> None:
@@ -24,42 +25,44 @@ def _require(present: dict[str, Any], where: str) -> None:
         raise ValueError(f"{where}: incomplete bitsandbytes quant state, missing {', '.join(missing)}")
 
 
-def _check_tables(code: torch.Tensor, nested_code: torch.Tensor | None, where: str) -> None:
-    if not torch.equal(code.detach().float().cpu(), nf4_code()):
-        raise ValueError(f"{where}: quant_map is not the NF4 code (fp4 and custom maps are not supported)")
+def _check_tables(code: torch.Tensor, nested_code: torch.Tensor | None, quant_type: str, where: str) -> None:
+    if not torch.equal(code.detach().float().cpu(), code_table(quant_type)):
+        raise ValueError(f"{where}: quant_map is not the {quant_type.upper()} code (custom maps are not supported)")
     if nested_code is not None and not torch.equal(nested_code.detach().float().cpu(), dynamic_map()):
         raise ValueError(f"{where}: nested_quant_map is not bitsandbytes' dynamic map")
 
 
-def nf4_from_quant_state(packed: torch.Tensor, quant_state: Any, where: str = "quant_state") -> NF4Weight:
-    """Wrap bitsandbytes' packed codes and ``QuantState`` as an :class:`NF4Weight` (tensors are shared, not copied).
+def weight_from_quant_state(packed: torch.Tensor, quant_state: Any, where: str = "quant_state") -> Weight4bit:
+    """Wrap bitsandbytes' packed codes and ``QuantState`` as an :class:`Weight4bit` (tensors are shared, not copied).
 
     Raises:
         ValueError: naming what is missing (absmax, shape, dtype, blocksize, code, nested absmax / code /
-            offset for a nested state), or for a quant type other than nf4 or a nested blocksize other than 256.
+            offset for a nested state), or for a quant type other than nf4 / fp4 or a nested blocksize other than 256.
     """
     _require({"quant_state": quant_state}, where)
     get = lambda name: getattr(quant_state, name, None)  # noqa: E731
     _require({n: get(n) for n in ("absmax", "shape", "dtype", "blocksize", "code", "quant_type")}, where)
-    if quant_state.quant_type != "nf4":
-        raise ValueError(f"{where}: quant_type {quant_state.quant_type!r} is not supported, only 'nf4'")
+    quant_type = quant_state.quant_type
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"{where}: quant_type {quant_type!r} is not supported, only {' or '.join(QUANT_TYPES)}")
     state2 = get("state2")
     nested = state2 is not None or get("offset") is not None or quant_state.absmax.dtype == torch.uint8
     if not nested:
-        _check_tables(quant_state.code, None, where)
-        return NF4Weight(packed, quant_state.absmax, quant_state.shape, quant_state.dtype, quant_state.blocksize)
+        _check_tables(quant_state.code, None, quant_type, where)
+        return Weight4bit(packed, quant_state.absmax, quant_state.shape, quant_state.dtype, quant_state.blocksize,
+                          quant_type=quant_type)
     _require({"state2": state2, "offset": get("offset")}, where)
     _require({"state2.absmax": getattr(state2, "absmax", None), "state2.code": getattr(state2, "code", None),
               "state2.blocksize": getattr(state2, "blocksize", None)}, where)
     if state2.blocksize != NESTED_BLOCKSIZE:
         raise ValueError(f"{where}: nested blocksize {state2.blocksize} is not supported, only {NESTED_BLOCKSIZE}")
-    _check_tables(quant_state.code, state2.code, where)
+    _check_tables(quant_state.code, state2.code, quant_type, where)
     offset = torch.as_tensor(quant_state.offset, dtype=torch.float32, device=packed.device)
-    return NF4Weight(packed, quant_state.absmax, quant_state.shape, quant_state.dtype, quant_state.blocksize,
-                     state2.absmax, offset)
+    return Weight4bit(packed, quant_state.absmax, quant_state.shape, quant_state.dtype, quant_state.blocksize,
+                      state2.absmax, offset, quant_type)
 
 
-def nf4_from_bnb_state_dict(tensors: Mapping[str, torch.Tensor], prefix: str = "") -> NF4Weight:
+def weight_from_bnb_state_dict(tensors: Mapping[str, torch.Tensor], prefix: str = "") -> Weight4bit:
     """Read one bitsandbytes 4-bit weight from its serialized tensors (``{prefix}weight`` and companions).
 
     Raises:
@@ -70,7 +73,7 @@ def nf4_from_bnb_state_dict(tensors: Mapping[str, torch.Tensor], prefix: str = "
     blob = next((v for k, v in tensors.items() if k.startswith(key(".quant_state.bitsandbytes__"))), None)
     _require({key(""): tensors.get(key("")), key(".absmax"): tensors.get(key(".absmax")),
               key(".quant_map"): tensors.get(key(".quant_map")),
-              key(".quant_state.bitsandbytes__nf4"): blob}, prefix or "state dict")
+              key(".quant_state.bitsandbytes__nf4 (or __fp4)"): blob}, prefix or "state dict")
     meta = json.loads(bytes(blob.cpu().to(torch.uint8).tolist()).decode("utf-8"))
     fields = {f"{key('.quant_state')}[{f!r}]": meta.get(f) for f in ("quant_type", "blocksize", "dtype", "shape")}
     _require(fields, prefix or "state dict")
@@ -87,7 +90,7 @@ def nf4_from_bnb_state_dict(tensors: Mapping[str, torch.Tensor], prefix: str = "
     state = _State(absmax=tensors[key(".absmax")], code=tensors[key(".quant_map")], blocksize=meta["blocksize"],
                    shape=torch.Size(meta["shape"]), dtype=getattr(torch, meta["dtype"]),
                    quant_type=meta["quant_type"], state2=state2, offset=offset)
-    return nf4_from_quant_state(tensors[key("")], state, prefix or "state dict")
+    return weight_from_quant_state(tensors[key("")], state, prefix or "state dict")
 
 
 class _State:
@@ -115,13 +118,13 @@ def to_bnb(layer: Linear4bit) -> torch.nn.Module:
     if w.double_quant:
         state2 = QuantState(absmax=w.nested_absmax, code=dynamic_map(device).clone(), blocksize=NESTED_BLOCKSIZE,
                             dtype=torch.float32)
-    state = QuantState(absmax=w.absmax, shape=w.shape, code=nf4_code(device).clone(), blocksize=w.blocksize,
-                       quant_type="nf4", dtype=w.dtype, offset=w.offset, state2=state2)
+    state = QuantState(absmax=w.absmax, shape=w.shape, code=code_table(w.quant_type, device).clone(),
+                       blocksize=w.blocksize, quant_type=w.quant_type, dtype=w.dtype, offset=w.offset, state2=state2)
     out = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                            compute_dtype=layer.compute_dtype, compress_statistics=w.double_quant, quant_type="nf4",
-                            device="meta")
+                            compute_dtype=layer.compute_dtype, compress_statistics=w.double_quant,
+                            quant_type=w.quant_type, device="meta")
     out.weight = bnb.nn.Params4bit(w.packed.view(-1, 1), requires_grad=False, quant_state=state,
-                                   blocksize=w.blocksize, compress_statistics=w.double_quant, quant_type="nf4",
+                                   blocksize=w.blocksize, compress_statistics=w.double_quant, quant_type=w.quant_type,
                                    module=out, bnb_quantized=True)
     out.bias = layer.bias
     return out
@@ -131,12 +134,12 @@ def from_bnb(layer: torch.nn.Module, compute_dtype: torch.dtype | None = None) -
     """A deltatune :class:`Linear4bit` sharing the codes of a quantized ``bitsandbytes.nn.Linear4bit``.
 
     Raises:
-        ValueError: the layer is not quantized yet (no quant state), or its state is incomplete or not NF4.
+        ValueError: the layer is not quantized yet (no quant state), or its state is incomplete or neither NF4 nor FP4.
     """
     weight = getattr(layer, "weight", None)
     where = f"{type(layer).__name__}.weight"
     state = getattr(weight, "quant_state", None)
     _require({"weight": weight, "weight.quant_state (quantize the layer first, e.g. .to(device))": state}, where)
-    nf4 = nf4_from_quant_state(weight.data, state, where)
+    ours = weight_from_quant_state(weight.data, state, where)
     dtype = compute_dtype if compute_dtype is not None else getattr(layer, "compute_dtype", None)
-    return Linear4bit(nf4, layer.bias, dtype)
+    return Linear4bit(ours, layer.bias, dtype)

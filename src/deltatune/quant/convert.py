@@ -8,6 +8,19 @@ import torch
 from torch import nn
 
 from .linear import Linear4bit, Linear8bit
+from .nf4 import code_table
+
+QUANTIZE_NAMES = ("nf4", "fp4", "int8")
+
+
+def quantize_arguments(name: str) -> dict[str, int | str]:
+    """The ``bits`` and ``quant_type`` that a user-facing name ("nf4", "fp4" or "int8") stands for.
+
+    The command line and run files speak in these names; the functions here take the two arguments.
+    """
+    if name not in QUANTIZE_NAMES:
+        raise ValueError(f"unknown quantization {name!r}; expected one of {', '.join(QUANTIZE_NAMES)}")
+    return {"bits": 8, "quant_type": "nf4"} if name == "int8" else {"bits": 4, "quant_type": name}
 
 
 def _quantizable(module: nn.Module) -> bool:
@@ -35,8 +48,8 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def quantize_model(model: nn.Module, bits: int = 4, compute_dtype: torch.dtype | None = None, blocksize: int = 64,
                    double_quant: bool = True, skip_modules: Iterable[str] | None = None,
-                   modules: Iterable[str] | None = None) -> nn.Module:
-    """Replace linear layers by :class:`Linear4bit` (NF4) or :class:`Linear8bit` (int8), in place.
+                   modules: Iterable[str] | None = None, quant_type: str = "nf4") -> nn.Module:
+    """Replace linear layers by :class:`Linear4bit` (NF4 or FP4) or :class:`Linear8bit` (int8), in place.
 
     By default every ``nn.Linear`` (and transformers ``Conv1D``, as in GPT-2) is quantized except the output head
     (``model.get_output_embeddings()``), as QLoRA and transformers' bitsandbytes integration do. Weights of any
@@ -45,22 +58,24 @@ def quantize_model(model: nn.Module, bits: int = 4, compute_dtype: torch.dtype |
 
     Args:
         model: any ``nn.Module``.
-        bits: 4 (NF4) or 8 (row-wise int8).
+        bits: 4 (NF4 / FP4) or 8 (row-wise int8).
         compute_dtype: matmul dtype of the new layers; None uses the input's dtype.
         blocksize: NF4 values per absmax (4-bit only).
         double_quant: quantize the absmax values too (4-bit only).
         skip_modules: names (or name components, e.g. ``"lm_head"``) to leave in float.
         modules: quantize exactly these module names instead of all linear layers; each must be quantizable.
+        quant_type: "nf4" (QLoRA's choice) or "fp4" (4-bit only).
 
     Returns:
         ``model``, modified in place.
 
     Raises:
-        ValueError: for bits other than 4 or 8, a name in ``modules`` that does not exist, or one that names a
-            layer that cannot be quantized (an Embedding, a Conv2d, ...), before anything is changed.
+        ValueError: for bits other than 4 or 8, an unknown quant_type, a name in ``modules`` that does not exist,
+            or one that names a layer that cannot be quantized (an Embedding, a Conv2d, ...); before any change.
     """
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
+    code_table(quant_type)  # refuses an unknown type before anything changes
     skip = list(skip_modules or ())
     named = dict(model.named_modules())
     if modules is not None:
@@ -79,7 +94,7 @@ def quantize_model(model: nn.Module, bits: int = 4, compute_dtype: torch.dtype |
             continue
         layer = named[name]
         if bits == 4:
-            new = Linear4bit.from_linear(layer, compute_dtype, blocksize, double_quant)
+            new = Linear4bit.from_linear(layer, compute_dtype, blocksize, double_quant, quant_type)
         else:
             new = Linear8bit.from_linear(layer, compute_dtype)
         _set_submodule(model, name, new)
@@ -108,7 +123,8 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
 
 
 @torch.no_grad()
-def requantization_error(model: nn.Module, bits: int = 4, blocksize: int = 64) -> dict[str, float]:
+def requantization_error(model: nn.Module, bits: int = 4, blocksize: int = 64,
+                         quant_type: str = "nf4") -> dict[str, float]:
     """How much quantizing a (merged, float) model's linear layers again would change their weights.
 
     Returns max abs error and the relative RMS error (||W - Q(W)|| / ||W||) over all the layers that
@@ -124,7 +140,8 @@ def requantization_error(model: nn.Module, bits: int = 4, blocksize: int = 64) -
         if type(layer).__name__ == "Conv1D":
             weight = weight.T
         if bits == 4:
-            again = Linear4bit.from_linear(_as_linear(weight), None, blocksize, True).dequantized_weight(torch.float32)
+            again = Linear4bit.from_linear(_as_linear(weight), None, blocksize, True, quant_type)
+            again = again.dequantized_weight(torch.float32)
         else:
             again = Linear8bit.from_linear(_as_linear(weight), None).dequantized_weight(torch.float32)
         diff = again - weight

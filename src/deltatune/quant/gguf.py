@@ -128,12 +128,12 @@ def iter_gguf(path: str | Path, model: nn.Module, config: dict) -> Iterator[tupl
 
 def load_gguf_quantized(path: str | Path, bits: int = 4, compute_dtype: torch.dtype | None = None,
                         blocksize: int = 64, double_quant: bool = True, skip_modules: Iterable[str] | None = None,
-                        dtype: torch.dtype | None = None) -> nn.Module:
-    """Build a transformers causal LM from a GGUF file with its linear layers in NF4 (or int8), streaming.
+                        dtype: torch.dtype | None = None, quant_type: str = "nf4") -> nn.Module:
+    """Build a transformers causal LM from a GGUF file with its linear layers in NF4 (FP4, int8), streaming.
 
     Args:
         path: the .gguf file (Llama architecture, or one whose tensors need no more than Llama's q/k un-permutation).
-        bits, compute_dtype, blocksize, double_quant, skip_modules: as in :func:`quantize_model`.
+        bits, compute_dtype, blocksize, double_quant, skip_modules, quant_type: as in :func:`quantize_model`.
         dtype: float dtype for the tensors that stay float (and the recorded dtype of quantized ones);
             None keeps float32, what GGUF tensors dequantize to.
 
@@ -154,7 +154,7 @@ def load_gguf_quantized(path: str | Path, bits: int = 4, compute_dtype: torch.dt
     with torch.device("meta"):  # no float weight is ever allocated, nor randomly initialized
         model = AutoModelForCausalLM.from_config(config)
     gguf_tensors = iter_gguf(path, model, config.to_dict())  # maps names off the float model: before quantizing
-    quantize_model(model, bits, compute_dtype, blocksize, double_quant, skip_modules)
+    quantize_model(model, bits, compute_dtype, blocksize, double_quant, skip_modules, quant_type=quant_type)
     unexpected = []
     for key, tensor in gguf_tensors:
         if not _place(model, key, tensor, set(), dtype, blocksize, double_quant):

@@ -1,6 +1,6 @@
 """`Linear4bit` and `Linear8bit`: frozen quantized linear layers that LoRA (or any adapter) can sit on.
 
-Both hold their weight as a quantized module (`NF4Weight` / `Int8Weight`) in ``self.weight`` and a float ``bias``.
+Both hold their weight as a quantized module (`Weight4bit` / `Int8Weight`) in ``self.weight`` and a float ``bias``.
 The forward dequantizes the whole weight into the compute dtype and calls one matmul; the backward gives a
 gradient to the input (and bias) only and dequantizes again instead of keeping the float weight alive between
 forward and backward: per layer that saves out*in*2..4 bytes of activation memory for a ~1 ms re-dequantization.
@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from .int8 import Int8Weight, quantize_int8
-from .nf4 import NF4Weight, quantize_nf4
+from .nf4 import Weight4bit, quantize_4bit
 
-QuantizedWeight = NF4Weight | Int8Weight
+QuantizedWeight = Weight4bit | Int8Weight
 
 
 class _Scratch(threading.local):
@@ -43,7 +43,7 @@ _SCRATCH = _Scratch()
 
 def _transient_weight(weight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
     """The float weight for one matmul, in the scratch buffer when that pays (NF4 on CPU); never keep it."""
-    if isinstance(weight, NF4Weight) and weight.device.type == "cpu":
+    if isinstance(weight, Weight4bit) and weight.device.type == "cpu":
         return weight.dequantize(dtype, scratch=_SCRATCH.take)
     return weight.dequantize(dtype)
 
@@ -88,16 +88,16 @@ def _float_weight(layer: nn.Module) -> torch.Tensor:
 
 
 class Linear4bit(nn.Module):
-    """A linear layer whose weight is NF4 (QLoRA): 4.13 bits per weight, matmul in ``compute_dtype``.
+    """A linear layer whose weight is NF4 (QLoRA) or FP4: 4.13 bits per weight, matmul in ``compute_dtype``.
 
     Attributes:
-        weight: the :class:`NF4Weight`; ``weight.shape == (out_features, in_features)``, ``weight.dtype`` is the
+        weight: the :class:`Weight4bit`; ``weight.shape == (out_features, in_features)``, ``weight.dtype`` is the
             dtype the float weight had, ``weight.device`` where the codes live.
         bias: float ``nn.Parameter`` or None.
         compute_dtype: dtype of the matmul; None means the input's dtype. The output has the input's dtype.
     """
 
-    def __init__(self, weight: NF4Weight, bias: torch.Tensor | None = None,
+    def __init__(self, weight: Weight4bit, bias: torch.Tensor | None = None,
                  compute_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if len(weight.shape) != 2:
@@ -109,16 +109,16 @@ class Linear4bit(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Module, compute_dtype: torch.dtype | None = None, blocksize: int = 64,
-                    double_quant: bool = True) -> Linear4bit:
-        """Quantize an ``nn.Linear`` (or transformers ``Conv1D``) to NF4; its bias Parameter is reused as is.
+                    double_quant: bool = True, quant_type: str = "nf4") -> Linear4bit:
+        """Quantize an ``nn.Linear`` (or transformers ``Conv1D``) to NF4 (or FP4); its bias Parameter is reused as is.
 
         A layer on the meta device gives an empty shell of the right sizes, to be filled by a streaming loader.
         """
         w = _float_weight(linear)
         if w.is_meta:
-            weight = NF4Weight.empty(tuple(w.shape), w.dtype, blocksize, double_quant)
+            weight = Weight4bit.empty(tuple(w.shape), w.dtype, blocksize, double_quant, quant_type=quant_type)
         else:
-            weight = quantize_nf4(w, blocksize, double_quant)
+            weight = quantize_4bit(w, blocksize, double_quant, quant_type)
         return cls(weight, linear.bias, compute_dtype)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:

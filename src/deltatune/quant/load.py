@@ -23,7 +23,7 @@ from torch import nn
 from .convert import quantize_model
 from .int8 import quantize_int8
 from .linear import Linear4bit, Linear8bit
-from .nf4 import quantize_nf4
+from .nf4 import quantize_4bit
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def _place(model: nn.Module, key: str, tensor: torch.Tensor, transposed: set[str
             raise ValueError(f"{key}: checkpoint shape {tuple(tensor.shape)}, model expects "
                              f"{tuple(module.weight.shape)}")
         if isinstance(module, Linear4bit):
-            module.weight = quantize_nf4(tensor, blocksize, double_quant)
+            module.weight = quantize_4bit(tensor, blocksize, double_quant, module.weight.quant_type)
         else:
             module.weight = quantize_int8(tensor)
         return True
@@ -121,12 +121,13 @@ def _place(model: nn.Module, key: str, tensor: torch.Tensor, transposed: set[str
 
 def load_quantized(path: str | Path, bits: int = 4, compute_dtype: torch.dtype | None = None, blocksize: int = 64,
                    double_quant: bool = True, skip_modules: Iterable[str] | None = None,
-                   dtype: torch.dtype | None = None, model_class: type | None = None) -> nn.Module:
-    """Build a transformers model from an HF folder with its linear layers in NF4 (or int8), streaming.
+                   dtype: torch.dtype | None = None, model_class: type | None = None,
+                   quant_type: str = "nf4") -> nn.Module:
+    """Build a transformers model from an HF folder with its linear layers in NF4 (FP4, int8), streaming.
 
     Args:
         path: folder with ``config.json`` and ``model.safetensors`` (or an index and shards).
-        bits, compute_dtype, blocksize, double_quant, skip_modules: as in :func:`quantize_model`.
+        bits, compute_dtype, blocksize, double_quant, skip_modules, quant_type: as in :func:`quantize_model`.
         dtype: float dtype for the tensors that stay float (and the recorded dtype of quantized ones);
             None keeps each tensor's dtype on disk.
         model_class: a transformers class with ``from_config``; default ``AutoModelForCausalLM``.
@@ -148,7 +149,7 @@ def load_quantized(path: str | Path, bits: int = 4, compute_dtype: torch.dtype |
     with torch.device("meta"):  # no float weight is ever allocated, nor randomly initialized
         model = (model_class or AutoModelForCausalLM).from_config(config)
     transposed = {n for n, m in model.named_modules() if type(m).__name__ == "Conv1D" and hasattr(m, "nf")}
-    quantize_model(model, bits, compute_dtype, blocksize, double_quant, skip_modules)
+    quantize_model(model, bits, compute_dtype, blocksize, double_quant, skip_modules, quant_type=quant_type)
     unexpected = []
     for file in files:
         for key, tensor in iter_safetensors(file):

@@ -1,17 +1,21 @@
-"""NF4 weights: the 4-bit NormalFloat format of QLoRA (Dettmers et al. 2023, section 3), in pure PyTorch.
+"""4-bit weights: NF4, the NormalFloat format of QLoRA (Dettmers et al. 2023, section 3), and FP4, in pure PyTorch.
 
 Layout, chosen to be bit-for-bit the one bitsandbytes writes so weights move between the two freely:
 
 * the weight is flattened (row-major) and cut into blocks of ``blocksize`` (64) values; the last block may be short;
 * each block is scaled by its absmax into [-1, 1] and every value is replaced by the index of the nearest of the
-  16 NF4 code values (a value exactly half-way goes to the lower code);
+  16 code values (a value exactly half-way goes to the lower code);
 * two 4-bit indices per byte, the first value in the high nibble: ``[a, b, c, d] -> [ab, cd]``; an odd count is
   padded with the index of 0.0;
 * double quantization (section 3, "Double Quantization"): the fp32 absmax values minus their mean ``offset`` are
   themselves quantized to 8 bits with bitsandbytes' dynamic map, in blocks of 256, each with an fp32 absmax.
 
 Bytes per parameter: 0.5 (codes) + 1/64 (8-bit absmax) + 4/(64*256) (nested absmax) = 4.127 bits.
-The two code tables are module constants, never stored per weight.
+The code tables are module constants, never stored per weight.
+
+NF4 spends its 16 values on the quantiles of a normal distribution, which is what pretrained weights look like;
+FP4 (1 sign, 2 exponent, 1 mantissa bit, bitsandbytes' variant) spaces them like a float. The QLoRA paper measured NF4
+better (its table 2); FP4 is here for checkpoints made with ``quant_type="fp4"``.
 """
 
 from __future__ import annotations
@@ -30,6 +34,10 @@ NF4_VALUES = (
     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
     0.7229568362236023, 1.0,
 )  # fmt: skip
+# bitsandbytes' FP4 (`get_4bit_type("fp4")`), in the order of the codes 0..15: bit 3 is the sign, then exponent and
+# mantissa, so code 8 is -0. The table is these values divided by 12 in fp32, so that the largest is 1.
+FP4_TWELFTHS = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
+QUANT_TYPES = ("nf4", "fp4")
 NESTED_BLOCKSIZE = 256
 # Elements quantized at a time: bounds the temporaries (int32 indices, scaled copy) to about 1 MiB per weight,
 # which is what lets the streaming loader stay close to the size of the final model.
@@ -45,19 +53,44 @@ def nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:
 
 
 @cache
-def _nf4_bounds(device: torch.device) -> torch.Tensor:
-    code = nf4_code(device)
-    return (code[:-1] + code[1:]) / 2  # midpoints: bucketize puts a tie on the lower code
+def fp4_code(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 16 FP4 values as fp32 in code order (not sorted: code 8 is -0), on ``device`` (cached)."""
+    return torch.tensor(FP4_TWELFTHS, dtype=torch.float32, device=device) / 12.0
+
+
+def code_table(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 16 fp32 values that the 4-bit codes of ``quant_type`` ("nf4" or "fp4") stand for."""
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+    return nf4_code(device) if quant_type == "nf4" else fp4_code(device)
 
 
 @cache
-def _nf4_pair_table(device: torch.device) -> torch.Tensor:
+def _bounds_and_codes(quant_type: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Decision bounds for `bucketize` and, when the table is not sorted, the code of each bucket.
+
+    The bounds are the midpoints between neighbouring values, so a value goes to its nearest code and a tie to the
+    lower one. NF4 is sorted, so a bucket is its code. FP4 is sorted first; of its two zeros +0 sorts first, so
+    small negative values get code 0 (+0) and small positive ones code 8 (-0), which is what bitsandbytes' CPU
+    quantizer writes too (both dequantize to zero).
+    """
+    if quant_type == "nf4":
+        code = nf4_code(device)
+        return (code[:-1] + code[1:]) / 2, None
+    code = fp4_code(device)
+    order = torch.argsort(code, stable=True)
+    ordered = code[order]
+    return (ordered[:-1] + ordered[1:]) / 2, order.to(torch.uint8)
+
+
+@cache
+def _pair_table(quant_type: str, device: torch.device) -> torch.Tensor:
     """(256,) int64: byte -> the fp32 bit patterns of (high nibble's value, low nibble's value), side by side.
 
     One `index_select` of 8-byte integers decodes two codes at once; it is the fastest gather torch has on CPU
     (about 3x `table[idx]`), and an integer copy keeps every bit.
     """
-    code = nf4_code(device)
+    code = code_table(quant_type, device)
     byte = torch.arange(256, device=device)
     pairs = torch.stack([code[byte >> 4], code[byte & 15]], dim=1).contiguous()  # (256, 2) fp32
     return pairs.view(torch.int64).reshape(256)
@@ -120,10 +153,10 @@ def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, blocksi
     return (values.view(nblocks, blocksize) * absmax.unsqueeze(1)).reshape(-1)[:n]
 
 
-def _quantize_nf4_codes(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_4bit_codes(flat: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat float tensor -> (packed uint8 (ceil(n/2),), fp32 absmax (ceil(n/blocksize),)), chunk by chunk."""
     n = flat.numel()
-    bounds = _nf4_bounds(flat.device)
+    bounds, codes = _bounds_and_codes(quant_type, flat.device)
     full = n - n % blocksize
     chunk = max(blocksize, _CHUNK - _CHUNK % blocksize)
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=flat.device)
@@ -133,7 +166,7 @@ def _quantize_nf4_codes(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tenso
         amax = part.abs().amax(dim=1)
         absmax[start // blocksize:start // blocksize + amax.numel()] = amax
         scaled = (part * (1.0 / amax.clamp(min=1e-38)).unsqueeze(1)).clamp_(-1, 1).view(-1)
-        packed[start // 2:(start + scaled.numel()) // 2] = _pack(torch.bucketize(scaled, bounds, out_int32=True))
+        packed[start // 2:(start + scaled.numel()) // 2] = _pack(torch.bucketize(scaled, bounds, out_int32=True), codes)
     if full < n:  # the short last block: bitsandbytes divides here (and clamps the stored absmax), so we do too
         tail = flat[full:].float()
         amax = tail.abs().max().clamp(min=1e-38)
@@ -141,12 +174,12 @@ def _quantize_nf4_codes(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tenso
         scaled = (tail / amax).clamp(-1, 1)
         if scaled.numel() % 2:
             scaled = nn.functional.pad(scaled, (0, 1))
-        packed[full // 2:] = _pack(torch.bucketize(scaled, bounds, out_int32=True))
+        packed[full // 2:] = _pack(torch.bucketize(scaled, bounds, out_int32=True), codes)
     return packed, absmax
 
 
-def _pack(indices: torch.Tensor) -> torch.Tensor:
-    q = indices.to(torch.uint8)
+def _pack(buckets: torch.Tensor, codes: torch.Tensor | None) -> torch.Tensor:
+    q = buckets.to(torch.uint8) if codes is None else codes[buckets]
     return (q[0::2] << 4) | q[1::2]  # [a, b, c, d] -> [ab, cd]
 
 
@@ -167,23 +200,25 @@ def _device_only(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) 
     return module
 
 
-class NF4Weight(nn.Module):
-    """A weight of any shape stored as NF4 codes; an `nn.Module` so that `.to(device)` and `state_dict` just work.
+class Weight4bit(nn.Module):
+    """A weight of any shape stored as 4-bit codes (NF4 or FP4); an `nn.Module` so `.to(device)` and `state_dict` work.
 
     Buffers: ``packed`` uint8 (ceil(n/2),); ``absmax`` uint8 (nblocks,) with double quantization, else fp32;
     with double quantization also ``nested_absmax`` fp32 (ceil(nblocks/256),) and ``offset`` fp32 (). ``shape`` and
     ``dtype`` are those of the original weight; ``dequantize()`` returns that dtype unless told otherwise.
+    ``quant_type`` says which 16 values the codes stand for.
     """
 
     def __init__(self, packed: torch.Tensor, absmax: torch.Tensor, shape: torch.Size | tuple[int, ...],
                  dtype: torch.dtype, blocksize: int = 64, nested_absmax: torch.Tensor | None = None,
-                 offset: torch.Tensor | None = None) -> None:
+                 offset: torch.Tensor | None = None, quant_type: str = "nf4") -> None:
         super().__init__()
+        code_table(quant_type)  # refuses an unknown type
         n = math.prod(shape)
         nblocks = -(-n // blocksize)
         packed = packed.reshape(-1).view(torch.uint8)  # bitsandbytes may store the bytes as another dtype
         if packed.numel() != (n + 1) // 2 or absmax.numel() != nblocks:
-            raise ValueError(f"NF4 weight of shape {tuple(shape)} and blocksize {blocksize} needs {(n + 1) // 2} "
+            raise ValueError(f"4-bit weight of shape {tuple(shape)} and blocksize {blocksize} needs {(n + 1) // 2} "
                              f"packed bytes and {nblocks} absmax values, got {packed.numel()} and {absmax.numel()}")
         if (nested_absmax is None) != (offset is None) or (nested_absmax is not None) != (absmax.dtype == torch.uint8):
             raise ValueError("double quantization needs uint8 absmax, nested_absmax and offset together")
@@ -194,18 +229,20 @@ class NF4Weight(nn.Module):
         self.shape = torch.Size(shape)
         self.dtype = dtype
         self.blocksize = blocksize
+        self.quant_type = quant_type
 
     @classmethod
     def empty(cls, shape: tuple[int, ...], dtype: torch.dtype, blocksize: int = 64, double_quant: bool = True,
-              device: torch.device | str = "meta") -> NF4Weight:
+              device: torch.device | str = "meta", quant_type: str = "nf4") -> Weight4bit:
         """An uninitialized weight of the right sizes (a shell on the meta device for streaming loads)."""
         n = math.prod(shape)
         nblocks = -(-n // blocksize)
         packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=device)
         if not double_quant:
-            return cls(packed, torch.empty(nblocks, device=device), shape, dtype, blocksize)
+            return cls(packed, torch.empty(nblocks, device=device), shape, dtype, blocksize, quant_type=quant_type)
         return cls(packed, torch.empty(nblocks, dtype=torch.uint8, device=device), shape, dtype, blocksize,
-                   torch.empty(-(-nblocks // NESTED_BLOCKSIZE), device=device), torch.empty((), device=device))
+                   torch.empty(-(-nblocks // NESTED_BLOCKSIZE), device=device), torch.empty((), device=device),
+                   quant_type)
 
     @property
     def double_quant(self) -> bool:
@@ -237,11 +274,11 @@ class NF4Weight(nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None,
                    scratch: Callable[[int, torch.dtype, torch.device], torch.Tensor] | None = None) -> torch.Tensor:
-        """The float weight, ``NF4[code] * absmax[block]`` computed in fp32 and rounded once to ``dtype``.
+        """The float weight, ``table[code] * absmax[block]`` computed in fp32 and rounded once to ``dtype``.
 
         Bit-exact with ``bitsandbytes.functional.dequantize_4bit`` for the same codes. The forward and backward of
         every quantized layer run this, so it touches memory as little as pure PyTorch allows: one gather of two
-        values per byte (:func:`_nf4_pair_table`) straight into the result, then one in-place scale per block.
+        values per byte (:func:`_pair_table`) straight into the result, then one in-place scale per block.
 
         Args:
             dtype: result dtype; None gives the original weight's.
@@ -257,7 +294,7 @@ class NF4Weight(nn.Module):
         nbytes = self.packed.numel()
         index = take(nbytes, torch.int32, device).copy_(self.packed)
         values = take(nblocks * self.blocksize, torch.float32, device)
-        torch.index_select(_nf4_pair_table(device), 0, index,
+        torch.index_select(_pair_table(self.quant_type, device), 0, index,
                            out=values[:2 * nbytes].view(torch.int64))  # high nibble first, as packed
         if values.numel() > 2 * nbytes:  # a short last block: zero its tail so the scale stays finite
             values[2 * nbytes:] = 0
@@ -273,11 +310,11 @@ class NF4Weight(nn.Module):
         return _device_only(self, fn)
 
     def extra_repr(self) -> str:
-        return f"shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}, " \
+        return f"{self.quant_type}, shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}, " \
                f"double_quant={self.double_quant}, nbytes={self.nbytes}"
 
 
-def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
+def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> Weight4bit:
     """Quantize a float tensor of any shape to NF4 (QLoRA, section 3).
 
     Args:
@@ -287,22 +324,34 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
             ``compress_statistics=True``): 4.127 instead of 4.5 bits per parameter.
 
     Returns:
-        An :class:`NF4Weight` on ``weight.device`` with the same codes and scales that
+        A :class:`Weight4bit` on ``weight.device`` with the same codes and scales that
         ``bitsandbytes.functional.quantize_4bit(weight, blocksize, compress_statistics, quant_type="nf4")`` gives.
 
     Raises:
         ValueError: for a non-float or empty tensor, a meta tensor, or a blocksize that is not a power of two >= 2.
     """
+    return quantize_4bit(weight, blocksize, double_quant, "nf4")
+
+
+def quantize_fp4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> Weight4bit:
+    """Quantize to bitsandbytes' FP4 (``quant_type="fp4"``); otherwise as :func:`quantize_nf4`."""
+    return quantize_4bit(weight, blocksize, double_quant, "fp4")
+
+
+def quantize_4bit(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
+                  quant_type: str = "nf4") -> Weight4bit:
+    """:func:`quantize_nf4` or :func:`quantize_fp4`, picked by ``quant_type``."""
+    code_table(quant_type)  # refuses an unknown type before any work
     if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"NF4 quantizes fp32, fp16 or bf16 weights, got {weight.dtype}")
+        raise ValueError(f"4-bit quantization takes fp32, fp16 or bf16 weights, got {weight.dtype}")
     if weight.numel() == 0 or weight.is_meta:
         raise ValueError(f"cannot quantize an empty or meta tensor (shape {tuple(weight.shape)}, {weight.device})")
     if blocksize < 2 or blocksize & (blocksize - 1):
         raise ValueError(f"blocksize must be a power of two >= 2, got {blocksize}")
     with torch.no_grad():
-        packed, absmax = _quantize_nf4_codes(weight.detach().reshape(-1), blocksize)
+        packed, absmax = _quantize_4bit_codes(weight.detach().reshape(-1), blocksize, quant_type)
         if not double_quant:
-            return NF4Weight(packed, absmax, weight.shape, weight.dtype, blocksize)
+            return Weight4bit(packed, absmax, weight.shape, weight.dtype, blocksize, quant_type=quant_type)
         offset = absmax.mean()
         qabsmax, nested_absmax = quantize_blockwise_8bit(absmax - offset, NESTED_BLOCKSIZE)
-    return NF4Weight(packed, qabsmax, weight.shape, weight.dtype, blocksize, nested_absmax, offset)
+    return Weight4bit(packed, qabsmax, weight.shape, weight.dtype, blocksize, nested_absmax, offset, quant_type)

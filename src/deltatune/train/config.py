@@ -16,7 +16,7 @@ METHODS = ("lora",)
 PRECISIONS = ("auto", "fp32", "bf16")
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
-QUANTIZE_BITS = {None: None, "nf4": 4, "int8": 8}  # --quantize -> bits of the frozen base
+QUANTIZE = ("nf4", "fp4", "int8")  # --quantize: storage of the frozen base (deltatune.quant.quantize_arguments)
 
 @dataclass
 class TrainConfig:
@@ -49,7 +49,7 @@ class TrainConfig:
         precision: "fp32", "bf16" (autocast; the adapter and optimizer stay fp32), or "auto" =
             bf16 where the hardware computes it natively (a CUDA GPU with bf16, or a CPU with
             AVX512-BF16 / AMX), fp32 elsewhere.
-        quantize: None, "nf4" or "int8": store the frozen base's linear layers in 4 or 8 bits
+        quantize: None, "nf4", "fp4" or "int8": store the frozen base's linear layers in 4 or 8 bits
             (QLoRA); the adapter trains in float beside them.
     """
 
@@ -106,8 +106,8 @@ class TrainConfig:
             raise ValueError(f"Unknown format {self.format!r}; expected one of {', '.join(FORMATS)}.")
         if self.precision not in PRECISIONS:
             raise ValueError(f"Unknown precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}.")
-        if self.quantize not in QUANTIZE_BITS:
-            raise ValueError(f"Unknown quantize {self.quantize!r}; expected nf4, int8 or none.")
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            raise ValueError(f"Unknown quantize {self.quantize!r}; expected {', '.join(QUANTIZE)} or none.")
         if self.method not in METHODS:
             raise ValueError(f"Unknown method {self.method!r}; expected one of {', '.join(METHODS)}.")
         for key in ("data", "eval_data"):

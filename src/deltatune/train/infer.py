@@ -36,11 +36,9 @@ def base_model_of(adapter: str, model: str | None = None) -> str | None:
 
 def load_adapted(adapter: str, model: str | None = None) -> tuple[PeftModel, Any]:
     """Base model + adapter, frozen, in eval mode, and the tokenizer."""
-    from .config import QUANTIZE_BITS
-
     source = resolve_model(base_model_of(adapter, model))
     # an adapter that learned beside a quantized base gets that base rebuilt the same way
-    base, tokenizer = load_model(source, quantize_bits=QUANTIZE_BITS[_run_info(adapter).get("quantize")])
+    base, tokenizer = load_model(source, quantize=_run_info(adapter).get("quantize"))
     return PeftModel.from_pretrained(base, adapter, is_trainable=False), tokenizer
 
 
@@ -156,11 +154,11 @@ def requantize_report(merged_dir: str, quantize: str) -> str:
     """
     from transformers import AutoModelForCausalLM
 
-    from ..quant import requantization_error
-    from .config import QUANTIZE_BITS
+    from ..quant import quantize_arguments, requantization_error
 
-    bits = QUANTIZE_BITS[quantize]
-    error = requantization_error(AutoModelForCausalLM.from_pretrained(merged_dir), bits=bits)
+    arguments = quantize_arguments(quantize)
+    error = requantization_error(AutoModelForCausalLM.from_pretrained(merged_dir), **arguments)
     return (f"re-quantizing to {quantize}: relative RMS error {error['relative_rms_error']:.4f}, "
             f"max abs error {error['max_abs_error']:.4g} over the linear layers; load it so with "
-            f"deltatune.quant.load_quantized({merged_dir!r}, bits={bits})")
+            f"deltatune.quant.load_quantized({merged_dir!r}, bits={arguments['bits']}, "
+            f"quant_type={arguments['quant_type']!r})")

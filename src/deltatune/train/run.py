@@ -26,7 +26,7 @@ from ..formats.models import load_model, resolve_model
 from ..methods.lora import LoraConfig
 from ..model import get_peft_model
 from . import data as datamod
-from .config import QUANTIZE_BITS, TrainConfig
+from .config import TrainConfig
 from .evaluate import default_max_new_tokens, evaluate
 from .report import RunSummary, plot_loss, print_summary, write_log
 from .task import BUILTIN_STEPS, builtin_splits
@@ -125,7 +125,7 @@ def train(config: TrainConfig) -> RunSummary:
         print(f"removing checkpoints of an earlier run in {checkpoints} (use --resume to continue it)")
         shutil.rmtree(checkpoints)
     torch.manual_seed(config.seed)  # the adapter's initial A matrices
-    model, tokenizer = load_model(source, quantize_bits=QUANTIZE_BITS[config.quantize])
+    model, tokenizer = load_model(source, quantize=config.quantize)
     peft_model = get_peft_model(model, lora_config(config, source.path))
     trainable, all_params = peft_model.get_nb_trainable_parameters()
     if main:
