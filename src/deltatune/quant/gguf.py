@@ -5,8 +5,8 @@ metadata (through transformers, as its own ``from_pretrained(..., gguf_file=...)
 on the meta device with quantized shells for its linear layers, then each GGUF tensor is read, dequantized to
 float32 with gguf-py (a few rows at a time, into the final array), un-permuted where llama.cpp permuted it (the
 q/k projections, for its rotary layout), mapped to its transformers name, and quantized or placed by
-:func:`deltatune.quant.load._place`. The result is what quantizing the float model that transformers loads from
-the same file gives, bit for bit, without that float model ever existing.
+:func:`deltatune.quant.load.fill_quantized_shell`. The result is what quantizing the float model that
+transformers loads from the same file gives, bit for bit, without that float model ever existing.
 
 Tensor bytes are read with plain file reads (the reader's memory map serves only the metadata), for the reason
 given in :mod:`deltatune.quant.load`: touched map pages would count as resident memory.
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .convert import quantize_model
-from .load import _materialize_computed_buffers, _place
+from .load import fill_quantized_shell
 
 logger = logging.getLogger(__name__)
 
@@ -155,17 +155,4 @@ def load_gguf_quantized(path: str | Path, bits: int = 4, compute_dtype: torch.dt
         model = AutoModelForCausalLM.from_config(config)
     gguf_tensors = iter_gguf(path, model, config.to_dict())  # maps names off the float model: before quantizing
     quantize_model(model, bits, compute_dtype, blocksize, double_quant, skip_modules, quant_type=quant_type)
-    unexpected = []
-    for key, tensor in gguf_tensors:
-        if not _place(model, key, tensor, set(), dtype, blocksize, double_quant):
-            unexpected.append(key)
-        del tensor
-    if unexpected:
-        logger.warning("ignored %d mapped GGUF tensors the model has no slot for: %s", len(unexpected), unexpected[:5])
-    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
-        model.tie_weights()
-    _materialize_computed_buffers(model)
-    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if missing:
-        raise ValueError(f"{path}: the file lacks {len(missing)} model tensors, e.g. {missing[:5]}")
-    return model.eval()
+    return fill_quantized_shell(model, gguf_tensors, set(), dtype, str(path))

@@ -87,7 +87,31 @@ def _float_weight(layer: nn.Module) -> torch.Tensor:
     raise ValueError(f"only nn.Linear and transformers Conv1D layers can be quantized, got {type(layer).__name__}")
 
 
-class Linear4bit(nn.Module):
+class _QuantizedLinear(nn.Module):
+    """What Linear4bit and Linear8bit share: the attributes adapters read, the forward and the repr."""
+
+    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None, compute_dtype: torch.dtype | None) -> None:
+        super().__init__()
+        if len(weight.shape) != 2:
+            raise ValueError(f"{type(self).__name__} needs a 2-D weight (out, in), got shape {tuple(weight.shape)}")
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight
+        self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias)
+        self.compute_dtype = compute_dtype
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The (out, in) float weight in ``dtype`` (default: the original weight's dtype); never needs grad."""
+        return self.weight.dequantize(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _forward(x, self.weight, self.bias, self.compute_dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
+               f"compute_dtype={self.compute_dtype}"
+
+
+class Linear4bit(_QuantizedLinear):
     """A linear layer whose weight is NF4 (QLoRA) or FP4: 4.13 bits per weight, matmul in ``compute_dtype``.
 
     Attributes:
@@ -99,13 +123,7 @@ class Linear4bit(nn.Module):
 
     def __init__(self, weight: Weight4bit, bias: torch.Tensor | None = None,
                  compute_dtype: torch.dtype | None = None) -> None:
-        super().__init__()
-        if len(weight.shape) != 2:
-            raise ValueError(f"Linear4bit needs a 2-D weight (out, in), got shape {tuple(weight.shape)}")
-        self.out_features, self.in_features = weight.shape
-        self.weight = weight
-        self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias)
-        self.compute_dtype = compute_dtype
+        super().__init__(weight, bias, compute_dtype)
 
     @classmethod
     def from_linear(cls, linear: nn.Module, compute_dtype: torch.dtype | None = None, blocksize: int = 64,
@@ -121,19 +139,8 @@ class Linear4bit(nn.Module):
             weight = quantize_4bit(w, blocksize, double_quant, quant_type)
         return cls(weight, linear.bias, compute_dtype)
 
-    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The (out, in) float weight in ``dtype`` (default: the original weight's dtype); never needs grad."""
-        return self.weight.dequantize(dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _forward(x, self.weight, self.bias, self.compute_dtype)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
-               f"compute_dtype={self.compute_dtype}"
-
-
-class Linear8bit(nn.Module):
+class Linear8bit(_QuantizedLinear):
     """A linear layer whose weight is row-wise int8 (LLM.int8() without the outlier split).
 
     Same attributes and contract as :class:`Linear4bit`, with an :class:`Int8Weight` as ``weight``.
@@ -141,11 +148,7 @@ class Linear8bit(nn.Module):
 
     def __init__(self, weight: Int8Weight, bias: torch.Tensor | None = None,
                  compute_dtype: torch.dtype | None = None) -> None:
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.weight = weight
-        self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias)
-        self.compute_dtype = compute_dtype
+        super().__init__(weight, bias, compute_dtype)
 
     @classmethod
     def from_linear(cls, linear: nn.Module, compute_dtype: torch.dtype | None = None) -> Linear8bit:
@@ -157,14 +160,3 @@ class Linear8bit(nn.Module):
         else:
             weight = quantize_int8(w)
         return cls(weight, linear.bias, compute_dtype)
-
-    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The (out, in) float weight in ``dtype`` (default: the original weight's dtype)."""
-        return self.weight.dequantize(dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _forward(x, self.weight, self.bias, self.compute_dtype)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
-               f"compute_dtype={self.compute_dtype}"

@@ -85,9 +85,11 @@ def _materialize_computed_buffers(model: nn.Module) -> None:
                 init(module)
 
 
-def _place(model: nn.Module, key: str, tensor: torch.Tensor, transposed: set[str], dtype: torch.dtype | None,
-           blocksize: int, double_quant: bool) -> bool:
-    """Put one checkpoint tensor where it belongs; False when the model has no such tensor."""
+def _place(model: nn.Module, key: str, tensor: torch.Tensor, transposed: set[str], dtype: torch.dtype | None) -> bool:
+    """Put one checkpoint tensor where it belongs; False when the model has no such tensor.
+
+    A quantized layer's empty shell already carries its format (blocksize, double quantization, quant type).
+    """
     module_name, _, attr = key.rpartition(".")
     try:
         module = model.get_submodule(module_name)
@@ -102,7 +104,8 @@ def _place(model: nn.Module, key: str, tensor: torch.Tensor, transposed: set[str
             raise ValueError(f"{key}: checkpoint shape {tuple(tensor.shape)}, model expects "
                              f"{tuple(module.weight.shape)}")
         if isinstance(module, Linear4bit):
-            module.weight = quantize_4bit(tensor, blocksize, double_quant, module.weight.quant_type)
+            shell = module.weight
+            module.weight = quantize_4bit(tensor, shell.blocksize, shell.double_quant, shell.quant_type)
         else:
             module.weight = quantize_int8(tensor)
         return True
@@ -150,18 +153,30 @@ def load_quantized(path: str | Path, bits: int = 4, compute_dtype: torch.dtype |
         model = (model_class or AutoModelForCausalLM).from_config(config)
     transposed = {n for n, m in model.named_modules() if type(m).__name__ == "Conv1D" and hasattr(m, "nf")}
     quantize_model(model, bits, compute_dtype, blocksize, double_quant, skip_modules, quant_type=quant_type)
+    tensors = (item for file in files for item in iter_safetensors(file))
+    return fill_quantized_shell(model, tensors, transposed, dtype, str(folder))
+
+
+def fill_quantized_shell(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], transposed: set[str],
+                         dtype: torch.dtype | None, source: str) -> nn.Module:
+    """Stream ``(name, tensor)`` pairs into a meta-device model whose linear layers are quantized shells.
+
+    Shared by the safetensors and GGUF loaders: each tensor is placed (quantized on the way when its layer is) and
+    dropped before the next is read; then tied weights are tied, computed buffers computed, and a tensor the source
+    never provided is an error naming ``source``.
+    """
     unexpected = []
-    for file in files:
-        for key, tensor in iter_safetensors(file):
-            if not _place(model, key, tensor, transposed, dtype, blocksize, double_quant):
-                unexpected.append(key)
-            del tensor
+    for key, tensor in tensors:
+        if not _place(model, key, tensor, transposed, dtype):
+            unexpected.append(key)
+        del tensor
     if unexpected:
-        logger.warning("ignored %d checkpoint tensors the model does not have: %s", len(unexpected), unexpected[:5])
-    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        logger.warning("ignored %d tensors of %s the model does not have: %s", len(unexpected), source,
+                       unexpected[:5])
+    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
         model.tie_weights()
     _materialize_computed_buffers(model)
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if missing:
-        raise ValueError(f"{folder}: the checkpoint lacks {len(missing)} model tensors, e.g. {missing[:5]}")
+        raise ValueError(f"{source}: the checkpoint lacks {len(missing)} model tensors, e.g. {missing[:5]}")
     return model.eval()
