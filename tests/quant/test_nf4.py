@@ -56,6 +56,32 @@ def test_quantize_and_dequantize_are_bit_exact(shape, dtype, double_quant, quant
         assert torch.equal(out, bnb_f.dequantize_4bit(packed, state))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [(1536, 576), (1000, 777), (1001, 777), (300, 301)])
+def test_every_decode_path_is_bit_exact(shape, threads):
+    """One thread decodes with index_select, more with a row-split gather; weights over ~1.5 MiB of fp32 are decoded
+    in chunks ((1000, 777) ends in a short block, (1001, 777) also in a padding nibble). Scratch buffers, reused
+    block scales and a non-fp32 result must give the same bits as bitsandbytes' reference kernel."""
+    from deltatune.quant.linear import _SCRATCH
+    from deltatune.quant.nf4 import _chunk_blocks
+
+    weight = torch.randn(shape) * 0.05
+    packed, state = bnb_f.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+    ours = quantize_nf4(weight)
+    expected = bnb_reference(packed, state)
+    if shape != (300, 301):
+        assert len(_chunk_blocks(ours.absmax.numel(), 64, ours.device)) > 1
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert torch.equal(ours.dequantize(), expected)
+        assert torch.equal(ours.dequantize(scratch=_SCRATCH.take), expected)
+        assert torch.equal(ours.dequantize(scratch=_SCRATCH.take, scales=ours.absmax_fp32()), expected)
+        assert torch.equal(ours.dequantize(torch.bfloat16, scratch=_SCRATCH.take), expected.to(torch.bfloat16))
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_blocksize_and_dtype_arguments():
     weight = torch.randn(40, 256)
     for blocksize in (32, 128, 256):

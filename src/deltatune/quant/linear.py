@@ -8,7 +8,8 @@ forward and backward: per layer that saves out*in*2..4 bytes of activation memor
 On CPU the dequantized NF4 weight is written into a per-thread scratch buffer reused by every layer. A fresh
 multi-MiB tensor per call is handed back to the OS by glibc when freed and page-faulted in again by the next
 layer, which costs as much as the dequantization itself; the buffer only lives while one matmul reads it, and
-nothing keeps it (the autograd Function saves no tensor). CUDA's caching allocator already reuses blocks.
+nothing keeps it (the autograd Function keeps only the small block scales). CUDA's caching allocator already
+reuses blocks.
 """
 
 from __future__ import annotations
@@ -41,27 +42,40 @@ class _Scratch(threading.local):
 _SCRATCH = _Scratch()
 
 
-def _transient_weight(weight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
-    """The float weight for one matmul, in the scratch buffer when that pays (NF4 on CPU); never keep it."""
-    if isinstance(weight, Weight4bit) and weight.device.type == "cpu":
-        return weight.dequantize(dtype, scratch=_SCRATCH.take)
+def _transient_weight(weight: QuantizedWeight, dtype: torch.dtype, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """The float weight for one matmul, in the scratch buffer when that pays (4-bit on CPU); never keep it."""
+    if isinstance(weight, Weight4bit):
+        return weight.dequantize(dtype, scratch=_SCRATCH.take if weight.device.type == "cpu" else None, scales=scales)
     return weight.dequantize(dtype)
 
 
+def _scales(weight: QuantizedWeight) -> torch.Tensor | None:
+    """A 4-bit weight's fp32 block scales in a fresh tensor (kept for the backward); None for int8."""
+    if not isinstance(weight, Weight4bit):
+        return None
+    index = _SCRATCH.take(weight.absmax.numel(), torch.int32, weight.device) if weight.device.type == "cpu" else None
+    return weight.absmax_fp32(index=index)
+
+
 class _DequantLinear(torch.autograd.Function):
-    """``y = x @ W^T + b`` with W rebuilt from its quantized form in forward and again in backward."""
+    """``y = x @ W^T + b`` with W rebuilt from its quantized form in forward and again in backward.
+
+    For a 4-bit weight the forward keeps the fp32 block scales (one value per 64 weights, 1/64 of the fp32 weight's
+    size) for the backward, which then skips the handful of small ops that undo double quantization.
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:  # noqa: ANN001
-        ctx.weight = weight  # the module, not a tensor: nothing float is saved for backward
+        ctx.weight = weight  # the module, not a tensor: no float weight is saved for backward
         ctx.has_bias = bias is not None
-        return nn.functional.linear(x, _transient_weight(weight, x.dtype), bias)
+        ctx.scales = _scales(weight)
+        return nn.functional.linear(x, _transient_weight(weight, x.dtype, ctx.scales), bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None]:  # noqa: ANN001
         grad_x = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad @ _transient_weight(ctx.weight, grad.dtype)  # (..., out) @ (out, in)
+            grad_x = grad @ _transient_weight(ctx.weight, grad.dtype, ctx.scales)  # (..., out) @ (out, in)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
         return grad_x, None, grad_b

@@ -42,6 +42,8 @@ NESTED_BLOCKSIZE = 256
 # Elements quantized at a time: bounds the temporaries (int32 indices, scaled copy) to about 1 MiB per weight,
 # which is what lets the streaming loader stay close to the size of the final model.
 _CHUNK = 1 << 16
+# Packed bytes decoded at a time on CPU (1.5 MiB of fp32 values): see `_chunk_blocks`.
+_DECODE_CHUNK_BYTES = 3 << 16
 # The CPU 8-bit quantizer of bitsandbytes maps x in [-1, 1] to a 65536-entry grid and looks the code up there.
 _LUT_STEPS = 65535
 
@@ -87,13 +89,45 @@ def _bounds_and_codes(quant_type: str, device: torch.device) -> tuple[torch.Tens
 def _pair_table(quant_type: str, device: torch.device) -> torch.Tensor:
     """(256,) int64: byte -> the fp32 bit patterns of (high nibble's value, low nibble's value), side by side.
 
-    One `index_select` of 8-byte integers decodes two codes at once; it is the fastest gather torch has on CPU
-    (about 3x `table[idx]`), and an integer copy keeps every bit.
+    Looking up 8-byte integers decodes two codes at once, and an integer copy keeps every bit; see `_decode_pairs`.
     """
     code = code_table(quant_type, device)
     byte = torch.arange(256, device=device)
     pairs = torch.stack([code[byte >> 4], code[byte & 15]], dim=1).contiguous()  # (256, 2) fp32
     return pairs.view(torch.int64).reshape(256)
+
+
+def _decode_pairs(packed: torch.Tensor, table: torch.Tensor, out: torch.Tensor,
+                  take: Callable[[int, torch.dtype, torch.device], torch.Tensor]) -> None:
+    """``out[i] = table[packed[i]]`` for a (256,) int64 pair table, with the fastest gather torch has for the case.
+
+    On one CPU thread that is `index_select` with int32 indices (about 3x ``table[idx]``), but it never uses a
+    second thread. With more threads, `gather` along the rows of a (rows, 256) stride-0 view of the table splits the
+    rows over the threads; on 2 cores it took a 1536x576 weight's gather from about 210 to 136 us (int64 indices
+    cost a wider copy, which is why one thread keeps `index_select`).
+    """
+    nbytes = packed.numel()
+    rows = math.gcd(nbytes, 256)
+    if packed.device.type != "cpu" or torch.get_num_threads() == 1 or rows == 1:
+        torch.index_select(table, 0, take(nbytes, torch.int32, packed.device).copy_(packed), out=out)
+        return
+    index = take(nbytes, torch.int64, packed.device).copy_(packed).view(rows, -1)
+    torch.gather(table.expand(rows, 256), 1, index, out=out.view(rows, -1))
+
+
+def _chunk_blocks(nblocks: int, blocksize: int, device: torch.device) -> list[tuple[int, int]]:
+    """Ranges of whole blocks to decode at a time: on CPU about `_DECODE_CHUNK_BYTES` packed bytes each, else one.
+
+    Scaling a chunk right after gathering it finds the values still in the cores' caches; a whole 1536x576 weight
+    (3.5 MiB of fp32 plus 3.5 MiB of int64 indices) does not fit. In an A/B of the whole QLoRA step on 2 threads
+    (SmolLM2-135M shape), 1.5 MiB chunks beat whole weights by about 0.5-1% and beat 0.75 and 3 MiB chunks.
+    """
+    if device.type != "cpu" or blocksize % 2:
+        return [(0, nblocks)]
+    per_chunk = max(1, _DECODE_CHUNK_BYTES // (blocksize // 2))
+    chunks = max(1, round(nblocks / per_chunk))
+    step = -(-nblocks // chunks)
+    return [(first, min(first + step, nblocks)) for first in range(0, nblocks, step)]
 
 
 @cache
@@ -139,18 +173,6 @@ def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) 
     normed = normed.nan_to_num(-1.0).clamp(-1, 1)  # an all-zero block gives 0/0; bitsandbytes stores code 0 there
     grid = (((normed + 1.0) * 0.5) * _LUT_STEPS + 0.5).to(torch.int32)
     return _dynamic_lut(x.device)[grid], absmax
-
-
-def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE,
-                              code: torch.Tensor | None = None) -> torch.Tensor:
-    """Inverse of :func:`quantize_blockwise_8bit`: ``code[codes[i]] * absmax[i // blocksize]`` in fp32, shape (n,)."""
-    code = dynamic_map(codes.device) if code is None else code
-    n = codes.numel()
-    values = code[codes.reshape(-1).int()]
-    nblocks = absmax.numel()
-    if n != nblocks * blocksize:
-        values = nn.functional.pad(values, (0, nblocks * blocksize - n))
-    return (values.view(nblocks, blocksize) * absmax.unsqueeze(1)).reshape(-1)[:n]
 
 
 def _quantize_4bit_codes(flat: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,54 +279,76 @@ class Weight4bit(nn.Module):
         """Every byte this weight stores: codes, absmax, nested absmax and offset (the code tables are shared)."""
         return sum(b.numel() * b.element_size() for b in self._buffers.values() if b is not None)
 
-    def absmax_fp32(self) -> torch.Tensor:
+    def absmax_fp32(self, out: torch.Tensor | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
         """Per-block scales in fp32, undoing double quantization: ``dyn[q] * nested_absmax[i // 256] + offset``.
 
-        Runs on every forward and backward of a layer, so it is four small ops with no padding copy when the block
-        count is a multiple of 256; the roundings (one multiply, then one add) are bitsandbytes'.
+        The roundings (one multiply, then one add) are bitsandbytes'. ``out`` (fp32) and ``index`` (int32), each of
+        ``nblocks`` elements, are buffers to use instead of allocating: every forward and backward of a layer runs
+        this, and on CPU a fresh small tensor often lands on memory glibc has just handed back to the OS, so its
+        page faults cost more than the arithmetic. Without double quantization the stored absmax is returned.
         """
         if not self.double_quant:
             return self.absmax
         nblocks = self.absmax.numel()
-        if nblocks % NESTED_BLOCKSIZE:
-            return dequantize_blockwise_8bit(self.absmax, self.nested_absmax) + self.offset
-        values = dynamic_map(self.absmax.device).index_select(0, self.absmax.int())
-        values.view(-1, NESTED_BLOCKSIZE).mul_(self.nested_absmax.unsqueeze(1))
+        device = self.absmax.device
+        index = torch.empty(nblocks, dtype=torch.int32, device=device) if index is None else index
+        out = torch.empty(nblocks, dtype=torch.float32, device=device) if out is None else out
+        values = torch.index_select(dynamic_map(device), 0, index.copy_(self.absmax), out=out)
+        whole = nblocks - nblocks % NESTED_BLOCKSIZE
+        if whole:
+            values[:whole].view(-1, NESTED_BLOCKSIZE).mul_(self.nested_absmax[:whole // NESTED_BLOCKSIZE].unsqueeze(1))
+        if whole < nblocks:  # a short last group of blocks
+            values[whole:].mul_(self.nested_absmax[-1])
         return values.add_(self.offset)
 
     def dequantize(self, dtype: torch.dtype | None = None,
-                   scratch: Callable[[int, torch.dtype, torch.device], torch.Tensor] | None = None) -> torch.Tensor:
+                   scratch: Callable[[int, torch.dtype, torch.device], torch.Tensor] | None = None,
+                   scales: torch.Tensor | None = None) -> torch.Tensor:
         """The float weight, ``table[code] * absmax[block]`` computed in fp32 and rounded once to ``dtype``.
 
         Bit-exact with ``bitsandbytes.functional.dequantize_4bit`` for the same codes. The forward and backward of
-        every quantized layer run this, so it touches memory as little as pure PyTorch allows: one gather of two
-        values per byte (:func:`_pair_table`) straight into the result, then one in-place scale per block.
+        every quantized layer run this, so it touches memory as little as pure PyTorch allows: per chunk of blocks,
+        one gather of two values per byte (:func:`_decode_pairs`) straight into the result, then one scale per block
+        while the chunk is still in cache (:func:`_chunk_blocks`).
 
         Args:
             dtype: result dtype; None gives the original weight's.
             scratch: ``scratch(numel, dtype, device)`` returns a 1-D tensor to write into instead of allocating; the
                 result is then a view of such a tensor, valid until the caller reuses it. On CPU this saves the
-                page faults of fresh multi-MiB buffers (see ``linear.py``); None allocates.
+                page faults of fresh buffers (see ``linear.py``); None allocates.
+            scales: this weight's :meth:`absmax_fp32`, when the caller already has it (a layer's backward reuses
+                the forward's); None computes it.
         """
         dtype = dtype or self.dtype
         take = scratch or _allocate
-        device = self.packed.device
+        packed = self.packed
+        device = packed.device
         n = self.shape.numel()
         nblocks = self.absmax.numel()
-        nbytes = self.packed.numel()
-        index = take(nbytes, torch.int32, device).copy_(self.packed)
-        values = take(nblocks * self.blocksize, torch.float32, device)
-        torch.index_select(_pair_table(self.quant_type, device), 0, index,
-                           out=values[:2 * nbytes].view(torch.int64))  # high nibble first, as packed
-        if values.numel() > 2 * nbytes:  # a short last block: zero its tail so the scale stays finite
-            values[2 * nbytes:] = 0
+        nbytes = packed.numel()
+        size = nblocks * self.blocksize
+        floats = take(size + nblocks, torch.float32, device)  # the values, then the scales
+        values = floats[:size]
+        if scales is None:
+            scales = self.absmax_fp32(floats[size:], take(nblocks, torch.int32, device))
+        scale = scales.unsqueeze(1)
         blocks = values.view(nblocks, self.blocksize)
-        if dtype == torch.float32:
-            out = blocks.mul_(self.absmax_fp32().unsqueeze(1))
+        out = blocks if dtype == torch.float32 else take(size, dtype, device).view(blocks.shape)
+        table = _pair_table(self.quant_type, device)
+        if size > 2 * nbytes:  # a short last block: zero its tail so the scale stays finite
+            values[2 * nbytes:] = 0
+            values = values[:2 * nbytes]
+        pairs = values.view(torch.int64)  # high nibble first, as packed
+        chunks = _chunk_blocks(nblocks, self.blocksize, device)
+        if len(chunks) == 1:  # no slicing: every op saved counts on this path
+            _decode_pairs(packed, table, pairs, take)
+            torch.mul(blocks, scale, out=out)
         else:
-            out = take(nblocks * self.blocksize, dtype, device).view(nblocks, self.blocksize)
-            torch.mul(blocks, self.absmax_fp32().unsqueeze(1), out=out)
-        return out.view(-1)[:n].view(self.shape)
+            for first, last in chunks:
+                lo, hi = first * self.blocksize // 2, min(last * self.blocksize // 2, nbytes)
+                _decode_pairs(packed[lo:hi], table, pairs[lo:hi], take)
+                torch.mul(blocks[first:last], scale[first:last], out=out[first:last])
+        return out.view(self.shape) if size == n else out.view(-1)[:n].view(self.shape)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's signature
         return _device_only(self, fn)
