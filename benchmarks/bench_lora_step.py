@@ -263,30 +263,42 @@ def run_target_set(key: str, base: nn.Module, ids: torch.Tensor, args: argparse.
 # ---- main ---------------------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=None, help="measured rounds per comparison (default 20; 10 quick)")
-    parser.add_argument("--warmup", type=int, default=3, help="discarded rounds before measuring (default 3)")
-    parser.add_argument("--targets", default="qv,all-linear", help=f"comma list from {sorted(TARGET_SETS)}")
+def add_step_arguments(parser: argparse.ArgumentParser, steps: int, quick_steps: int, warmup: int) -> None:
+    """The options every step benchmark shares (this one and bench_qlora_step.py); see `fill_step_defaults`."""
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"measured rounds per comparison (default {steps}; {quick_steps} quick)")
+    parser.add_argument("--warmup", type=int, default=warmup,
+                        help=f"discarded rounds before measuring (default {warmup})")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
-    parser.add_argument("--dropout", type=float, default=0.0, help="lora_dropout for both libraries (default 0.0)")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default 4; 2 quick)")
     parser.add_argument("--seq", type=int, default=None, help="sequence length (default 128; 16 quick)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="also write all numbers (raw times included) here")
     parser.add_argument("--quick", action="store_true", help="tiny model and batch: a smoke run of a few seconds")
-    args = parser.parse_args(argv)
-    args.steps = args.steps or (10 if args.quick else 20)
+
+
+def fill_step_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser, steps: int, quick_steps: int) -> None:
+    """Defaults that depend on --quick, the thread count, and the range checks of `add_step_arguments`' options."""
+    args.steps = args.steps or (quick_steps if args.quick else steps)
     args.batch = args.batch or (2 if args.quick else 4)
     args.seq = args.seq or (16 if args.quick else 128)
     args.threads = args.threads or len(os.sched_getaffinity(0))
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_step_arguments(parser, steps=20, quick_steps=10, warmup=3)
+    parser.add_argument("--targets", default="qv,all-linear", help=f"comma list from {sorted(TARGET_SETS)}")
+    parser.add_argument("--dropout", type=float, default=0.0, help="lora_dropout for both libraries (default 0.0)")
+    args = parser.parse_args(argv)
+    fill_step_defaults(args, parser, steps=20, quick_steps=10)
     args.target_keys = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = [t for t in args.target_keys if t not in TARGET_SETS]
     if unknown:
         parser.error(f"unknown target sets {unknown}; choose from {sorted(TARGET_SETS)}")
-    if args.steps < 1 or args.warmup < 0:
-        parser.error("--steps must be >= 1 and --warmup >= 0")
     return args
 
 

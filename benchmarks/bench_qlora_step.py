@@ -58,9 +58,11 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_lora_step import (  # noqa: E402 - the sibling benchmark's model, step and alternating timer
     Comparison,
+    add_step_arguments,
     alternate,
     build_base,
     copy_adapter_weights,
+    fill_step_defaults,
     to_ms,
     train_step,
     trainable,
@@ -174,25 +176,15 @@ def measure_memory(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=None, help="measured rounds (default 15; 5 quick)")
-    parser.add_argument("--warmup", type=int, default=2, help="discarded rounds before measuring (default 2)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
-    parser.add_argument("--batch", type=int, default=None, help="batch size (default 4; 2 quick)")
-    parser.add_argument("--seq", type=int, default=None, help="sequence length (default 128; 16 quick)")
-    parser.add_argument("--seed", type=int, default=0)
+    add_step_arguments(parser, steps=15, quick_steps=5, warmup=2)
     parser.add_argument("--memory", action="store_true", help="measure peak RSS (one subprocess per library) "
                         "instead of step time")
     parser.add_argument("--memory-steps", type=int, default=5, help="training steps per memory run (default 5)")
     parser.add_argument("--memory-child", choices=LIBRARIES, help=argparse.SUPPRESS)
-    parser.add_argument("--json", metavar="PATH", help="also write all numbers (raw times included) here")
-    parser.add_argument("--quick", action="store_true", help="tiny model and batch: a smoke run of seconds")
     args = parser.parse_args(argv)
-    args.steps = args.steps or (5 if args.quick else 15)
-    args.batch = args.batch or (2 if args.quick else 4)
-    args.seq = args.seq or (16 if args.quick else 128)
-    args.threads = args.threads or len(os.sched_getaffinity(0))
-    if args.steps < 1 or args.warmup < 0 or args.memory_steps < 1:
-        parser.error("--steps and --memory-steps must be >= 1, --warmup >= 0")
+    fill_step_defaults(args, parser, steps=15, quick_steps=5)
+    if args.memory_steps < 1:
+        parser.error("--memory-steps must be >= 1")
     return args
 
 
