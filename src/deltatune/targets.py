@@ -50,6 +50,12 @@ def gpt2_conv1d_class() -> type | None:
     return getattr(module, "Conv1D", None)
 
 
+def is_gpt2_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2 and relatives): a linear layer whose weight is stored (in, out)."""
+    conv1d = gpt2_conv1d_class()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
 def is_quantized(module: nn.Module) -> bool:
     """A quantized linear layer (deltatune.quant's Linear4bit/Linear8bit, or anything shaped like them).
 
@@ -60,8 +66,7 @@ def is_quantized(module: nn.Module) -> bool:
 
 def is_linear_like(module: nn.Module) -> bool:
     """nn.Linear, GPT-2's Conv1D, or a quantized linear layer: what "all-linear" selects."""
-    conv1d = gpt2_conv1d_class()
-    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d)) or is_quantized(module)
+    return isinstance(module, nn.Linear) or is_gpt2_conv1d(module) or is_quantized(module)
 
 
 def name_matches(name: str, patterns: str | Iterable[str]) -> bool:

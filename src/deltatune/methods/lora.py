@@ -289,18 +289,8 @@ class LoraLayer(nn.Module):
         if not is_quantized(self.base_layer):
             self.merge()
             return self.base_layer
-        base = self.base_layer
-        weight = self.base_weight()
-        for name in self.active_adapters:
-            if name in self.r:
-                weight = weight + self.delta_weight(name).float()
-        dtype = getattr(base, "compute_dtype", None) or torch.float32
-        linear = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None,
-                           device=weight.device, dtype=dtype)
-        linear.weight.copy_(weight)
-        if base.bias is not None:
-            linear.bias.copy_(base.bias)
-        return linear
+        deltas = [self.delta_weight(name) for name in self.active_adapters if name in self.r]
+        return self.base_layer.to_linear(getattr(self.base_layer, "compute_dtype", None) or torch.float32, deltas)
 
     def lora_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """scaling * B A dropout(x), the adapter's contribution to the output."""

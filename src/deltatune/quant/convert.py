@@ -7,8 +7,11 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .linear import Linear4bit, Linear8bit
-from .nf4 import code_table
+from ..adapter_layer import replace_module
+from ..targets import is_gpt2_conv1d
+from .int8 import quantize_int8
+from .linear import Linear4bit, Linear8bit, _float_weight
+from .nf4 import code_table, quantize_4bit
 
 QUANTIZE_NAMES = ("nf4", "fp4", "int8")
 
@@ -24,7 +27,7 @@ def quantize_arguments(name: str) -> dict[str, int | str]:
 
 
 def _quantizable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
+    return isinstance(module, nn.Linear) or is_gpt2_conv1d(module)
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
@@ -39,11 +42,6 @@ def _output_head(model: nn.Module) -> nn.Module | None:
         return get() if callable(get) else None
     except (NotImplementedError, AttributeError):
         return None
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def quantize_model(model: nn.Module, bits: int = 4, compute_dtype: torch.dtype | None = None, blocksize: int = 64,
@@ -97,7 +95,7 @@ def quantize_model(model: nn.Module, bits: int = 4, compute_dtype: torch.dtype |
             new = Linear4bit.from_linear(layer, compute_dtype, blocksize, double_quant, quant_type)
         else:
             new = Linear8bit.from_linear(layer, compute_dtype)
-        _set_submodule(model, name, new)
+        replace_module(model, name, new)
     return model
 
 
@@ -109,13 +107,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
     """
     quantized = [(n, m) for n, m in model.named_modules() if isinstance(m, (Linear4bit, Linear8bit))]
     for name, layer in quantized:
-        weight = layer.dequantized_weight(torch.float32)
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                           device=weight.device, dtype=dtype)
-        linear.weight.copy_(weight)
-        if layer.bias is not None:
-            linear.bias.copy_(layer.bias)
-        _set_submodule(model, name, linear)
+        replace_module(model, name, layer.to_linear(dtype))
     for param in model.parameters():
         if param.is_floating_point() and param.dtype != dtype:
             param.data = param.data.to(dtype)
@@ -136,22 +128,13 @@ def requantization_error(model: nn.Module, bits: int = 4, blocksize: int = 64,
     for _, layer in model.named_modules():
         if not _quantizable(layer) or layer is head:
             continue
-        weight = layer.weight.detach().float()
-        if type(layer).__name__ == "Conv1D":
-            weight = weight.T
+        weight = _float_weight(layer).detach().float()
         if bits == 4:
-            again = Linear4bit.from_linear(_as_linear(weight), None, blocksize, True, quant_type)
-            again = again.dequantized_weight(torch.float32)
+            again = quantize_4bit(weight, blocksize, True, quant_type).dequantize(torch.float32)
         else:
-            again = Linear8bit.from_linear(_as_linear(weight), None).dequantized_weight(torch.float32)
+            again = quantize_int8(weight).dequantize(torch.float32)
         diff = again - weight
         squared_error += float(diff.square().sum())
         squared_norm += float(weight.square().sum())
         max_abs = max(max_abs, float(diff.abs().max()))
     return {"max_abs_error": max_abs, "relative_rms_error": (squared_error / max(squared_norm, 1e-30)) ** 0.5}
-
-
-def _as_linear(weight: torch.Tensor) -> nn.Linear:
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-    linear.weight = nn.Parameter(weight, requires_grad=False)
-    return linear

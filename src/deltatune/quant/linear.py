@@ -15,10 +15,12 @@ reuses blocks.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
+from ..targets import is_gpt2_conv1d
 from .int8 import Int8Weight, quantize_int8
 from .nf4 import Weight4bit, quantize_4bit
 
@@ -96,7 +98,7 @@ def _float_weight(layer: nn.Module) -> torch.Tensor:
     """(out, in) weight of an nn.Linear or a transformers Conv1D (which stores it transposed)."""
     if isinstance(layer, nn.Linear):
         return layer.weight
-    if type(layer).__name__ == "Conv1D" and hasattr(layer, "nf"):  # transformers.pytorch_utils.Conv1D
+    if is_gpt2_conv1d(layer):
         return layer.weight.t()
     raise ValueError(f"only nn.Linear and transformers Conv1D layers can be quantized, got {type(layer).__name__}")
 
@@ -116,6 +118,20 @@ class _QuantizedLinear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The (out, in) float weight in ``dtype`` (default: the original weight's dtype); never needs grad."""
         return self.weight.dequantize(dtype)
+
+    @torch.no_grad()
+    def to_linear(self, dtype: torch.dtype = torch.float32, deltas: Iterable[torch.Tensor] = ()) -> nn.Linear:
+        """A float ``nn.Linear`` of ``dtype`` holding the dequantized weight (plus ``deltas``, e.g. LoRA updates,
+        added in fp32 before the one rounding to ``dtype``) and this layer's bias: what export and merge produce."""
+        weight = self.dequantized_weight(torch.float32)
+        for delta in deltas:
+            weight = weight + delta.float()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=weight.device,
+                           dtype=dtype)
+        linear.weight.copy_(weight)
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _forward(x, self.weight, self.bias, self.compute_dtype)

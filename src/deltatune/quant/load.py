@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..targets import is_gpt2_conv1d
 from .convert import quantize_model
 from .int8 import quantize_int8
 from .linear import Linear4bit, Linear8bit
@@ -151,7 +152,7 @@ def load_quantized(path: str | Path, bits: int = 4, compute_dtype: torch.dtype |
     config = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):  # no float weight is ever allocated, nor randomly initialized
         model = (model_class or AutoModelForCausalLM).from_config(config)
-    transposed = {n for n, m in model.named_modules() if type(m).__name__ == "Conv1D" and hasattr(m, "nf")}
+    transposed = {n for n, m in model.named_modules() if is_gpt2_conv1d(m)}
     quantize_model(model, bits, compute_dtype, blocksize, double_quant, skip_modules, quant_type=quant_type)
     tensors = (item for file in files for item in iter_safetensors(file))
     return fill_quantized_shell(model, tensors, transposed, dtype, str(folder))

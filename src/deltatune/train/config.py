@@ -11,12 +11,13 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from ..quant.convert import QUANTIZE_NAMES  # --quantize: storage of the frozen base
+
 FORMATS = ("alpaca", "chat", "text")
 METHODS = ("lora",)
 PRECISIONS = ("auto", "fp32", "bf16")
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
-QUANTIZE = ("nf4", "fp4", "int8")  # --quantize: storage of the frozen base (deltatune.quant.quantize_arguments)
 
 @dataclass
 class TrainConfig:
@@ -106,8 +107,8 @@ class TrainConfig:
             raise ValueError(f"Unknown format {self.format!r}; expected one of {', '.join(FORMATS)}.")
         if self.precision not in PRECISIONS:
             raise ValueError(f"Unknown precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}.")
-        if self.quantize is not None and self.quantize not in QUANTIZE:
-            raise ValueError(f"Unknown quantize {self.quantize!r}; expected {', '.join(QUANTIZE)} or none.")
+        if self.quantize is not None and self.quantize not in QUANTIZE_NAMES:
+            raise ValueError(f"Unknown quantize {self.quantize!r}; expected {', '.join(QUANTIZE_NAMES)} or none.")
         if self.method not in METHODS:
             raise ValueError(f"Unknown method {self.method!r}; expected one of {', '.join(METHODS)}.")
         for key in ("data", "eval_data"):

@@ -17,6 +17,7 @@ from ..formats.models import load_model, resolve_model, save_full_model
 from ..model import PeftModel
 from . import data as datamod
 from .evaluate import EvalResult, evaluate
+from .report import read_run_info
 
 
 def base_model_of(adapter: str, model: str | None = None) -> str | None:
@@ -38,17 +39,8 @@ def load_adapted(adapter: str, model: str | None = None) -> tuple[PeftModel, Any
     """Base model + adapter, frozen, in eval mode, and the tokenizer."""
     source = resolve_model(base_model_of(adapter, model))
     # an adapter that learned beside a quantized base gets that base rebuilt the same way
-    base, tokenizer = load_model(source, quantize=_run_info(adapter).get("quantize"))
+    base, tokenizer = load_model(source, quantize=read_run_info(adapter).get("quantize"))
     return PeftModel.from_pretrained(base, adapter, is_trainable=False), tokenizer
-
-
-def _run_info(adapter: str) -> dict[str, Any]:
-    """What deltatune train recorded beside the adapter (absent for adapters from elsewhere)."""
-    path = os.path.join(adapter, "deltatune_run.json")
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
 
 
 def build_prompt(tokenizer: Any, history: list[dict[str, str]]) -> list[int]:

@@ -88,3 +88,21 @@ def print_summary(summary: RunSummary) -> None:
     print(f"time: {summary.total_seconds:.0f}s in all, {summary.train_seconds:.0f}s training")
     print("\nTalk to the result:")
     print(f"  deltatune chat --adapter {summary.output_dir}")
+
+
+RUN_INFO_NAME = "deltatune_run.json"
+
+
+def write_run_info(output: str, fmt: str, max_new_tokens: int, quantize: str | None) -> None:
+    """A record beside the adapter of how it was trained; loaders read ``quantize`` to rebuild the same base."""
+    with open(os.path.join(output, RUN_INFO_NAME), "w", encoding="utf-8") as fh:
+        json.dump({"format": fmt, "max_new_tokens": max_new_tokens, "quantize": quantize}, fh, indent=2)
+
+
+def read_run_info(adapter: str) -> dict[str, Any]:
+    """What deltatune train recorded beside the adapter (empty for adapters from elsewhere)."""
+    path = os.path.join(adapter, RUN_INFO_NAME)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)

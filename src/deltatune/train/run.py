@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
-import json
 import os
 import shutil
 import sys
@@ -28,19 +27,17 @@ from ..model import get_peft_model
 from . import data as datamod
 from .config import TrainConfig
 from .evaluate import default_max_new_tokens, evaluate
-from .report import RunSummary, plot_loss, print_summary, write_log
+from .report import RunSummary, plot_loss, print_summary, write_log, write_run_info
 from .task import BUILTIN_STEPS, builtin_splits
 from .trainer import AdapterTrainer, Collator, ListDataset, LossProgress, last_checkpoint, training_arguments
 
 BUILTIN = "built-in order-to-JSON task"
-RUN_INFO_NAME = "deltatune_run.json"  # how prompts were built, so generate/chat build them the same way
 
 
 @dataclass
 class PreparedData:
     train: datamod.Tokenized
     eval_examples: list[datamod.Example]
-    eval_rows: list[dict[str, list[int]]]
     fmt: str
     source: str
 
@@ -67,8 +64,7 @@ def prepare_data(config: TrainConfig, tokenizer: Any) -> PreparedData:
     train_examples = datamod.to_examples(train_rows, fmt, tokenizer, source)
     eval_examples = datamod.to_examples(eval_rows, fmt, tokenizer, eval_source)
     train = datamod.tokenize(train_examples, tokenizer, config.max_length, source)
-    held = datamod.tokenize(eval_examples, tokenizer, config.max_length, eval_source) if eval_examples else None
-    return PreparedData(train, eval_examples, held.rows if held else [], fmt, source)
+    return PreparedData(train, eval_examples, fmt, source)
 
 
 def _world_size() -> int:
@@ -159,7 +155,7 @@ def train(config: TrainConfig) -> RunSummary:
     if not main:
         return summary
     peft_model.save_pretrained(output)
-    _write_run_info(output, prepared.fmt, max_new, config.quantize)
+    write_run_info(output, prepared.fmt, max_new, config.quantize)
     write_log(history, output)
     plot_loss(history, output)
     losses = [e["loss"] for e in history if "loss" in e]
@@ -196,11 +192,6 @@ def _release_memory() -> None:
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def _write_run_info(output: str, fmt: str, max_new_tokens: int, quantize: str | None) -> None:
-    with open(os.path.join(output, RUN_INFO_NAME), "w", encoding="utf-8") as fh:
-        json.dump({"format": fmt, "max_new_tokens": max_new_tokens, "quantize": quantize}, fh, indent=2)
 
 
 def _say(main: bool, text: str) -> None:
