@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -166,3 +167,86 @@ def test_defaults_match_peft():
                  "target_modules", "exclude_modules", "modules_to_save", "layers_to_transform", "layers_pattern",
                  "rank_pattern", "alpha_pattern", "task_type", "inference_mode"):
         assert getattr(ours, name) == getattr(theirs, name), name
+
+
+# ---- the fused training path (_FusedLoraLinear) -------------------------------------------------------------------
+
+
+def _fusable_base(kind: str) -> nn.Module:
+    from deltatune.quant import Linear4bit, Linear8bit
+
+    torch.manual_seed(0)
+    linear = nn.Linear(70, 24)  # 70 * 24 is not a multiple of the 4-bit block size
+    linear.requires_grad_(False)
+    if kind == "linear":
+        return linear
+    return Linear4bit.from_linear(linear) if kind == "nf4" else Linear8bit.from_linear(linear)
+
+
+def _reference_grads(layer: LoraLayer, x: torch.Tensor, grad: torch.Tensor, seed: int) -> list[torch.Tensor]:
+    """base(x) + s B A dropout(x) written with plain ops on the float (dequantized) weight; grads of x, A, B."""
+    base = layer.base_layer
+    weight = base.weight if isinstance(base, nn.Linear) else base.dequantized_weight(torch.float32)
+    a = layer.lora_A["a"].weight.detach().clone().requires_grad_()
+    b = layer.lora_B["a"].weight.detach().clone().requires_grad_()
+    x = x.detach().clone().requires_grad_(x.requires_grad)
+    torch.manual_seed(seed)
+    update = layer.scaling["a"] * (layer.lora_dropout["a"](x) @ a.T @ b.T)
+    out = F.linear(x, weight.detach(), base.bias.detach()) + update
+    out.backward(grad)
+    return [out.detach(), x.grad, a.grad, b.grad]
+
+
+@pytest.mark.parametrize("kind", ["linear", "nf4", "int8"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_fused_training_path_gives_module_by_module_grads(kind, dropout, input_grad):
+    layer = _layer(_fusable_base(kind), r=4, alpha=8, lora_dropout=dropout).train()
+    x = torch.randn(2, 5, 70, requires_grad=input_grad)
+    grad = torch.randn(2, 5, 24)
+    torch.manual_seed(7)
+    out = layer(x)
+    assert type(out.grad_fn).__name__ == "_FusedLoraLinearBackward"  # the path under test was taken
+    out.backward(grad)
+    expected = _reference_grads(layer, x, grad, seed=7)
+    got = [out.detach(), x.grad, layer.lora_A["a"].weight.grad, layer.lora_B["a"].weight.grad]
+    for name, g, e in zip(["output", "x", "A", "B"], got, expected, strict=True):
+        if e is None:
+            assert g is None, name
+        else:
+            assert torch.allclose(g, e, atol=1e-5, rtol=1e-5), f"{name}: max diff {(g - e).abs().max()}"
+
+
+@pytest.mark.parametrize("separate_lora_input", [False, True])
+def test_fused_backward_passes_gradcheck(separate_lora_input):
+    from deltatune.methods.lora import _FusedLoraLinear
+
+    base = nn.Linear(6, 5, dtype=torch.float64).requires_grad_(False)
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    x_lora = torch.randn(3, 6, dtype=torch.float64, requires_grad=True) if separate_lora_input else None
+    a = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    inputs = (x, x_lora, a, b, base, 1.5)
+    assert torch.autograd.gradcheck(lambda *t: _FusedLoraLinear.apply(*t), inputs)
+
+
+def test_fused_path_steps_aside_when_it_cannot_be_exact():
+    """A trainable base weight, two active adapters or no grad mode take the module-by-module path."""
+    layer = _layer(_fusable_base("linear"))
+    layer.add_adapter("b", r=2, lora_alpha=2, init_lora_weights=False)
+    x = torch.randn(3, 70)
+    assert type(layer(x).grad_fn).__name__ == "_FusedLoraLinearBackward"
+    layer.active_adapters = ["a", "b"]
+    assert type(layer(x).grad_fn).__name__ != "_FusedLoraLinearBackward"
+    layer.active_adapters = ["a"]
+    layer.base_layer.weight.requires_grad_(True)
+    layer(x).sum().backward()
+    assert layer.base_layer.weight.grad is not None and layer.base_layer.weight.grad.abs().sum() > 0
+    layer.base_layer.weight.requires_grad_(False)
+    handle = layer.base_layer.register_forward_hook(lambda module, args, out: out * 2)
+    hooked = layer(x)
+    assert type(hooked.grad_fn).__name__ != "_FusedLoraLinearBackward"
+    handle.remove()
+    assert torch.allclose(hooked, layer(x) + layer.base_layer(x))  # the hook ran: base counted twice
+    with torch.no_grad():
+        assert layer(x).grad_fn is None

@@ -131,6 +131,69 @@ def _adapter_dtype(base: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def _frozen_weight(base: nn.Module, dtype: torch.dtype, state: torch.Tensor | None) -> torch.Tensor:
+    """The (out, in) weight of a frozen nn.Linear, or a quantized layer's weight rebuilt for one matmul."""
+    if isinstance(base, nn.Linear):
+        return base.weight
+    return base.transient_weight(dtype, state)
+
+
+def _runs_plain(module: nn.Module) -> bool:
+    """No hook and no replaced ``forward`` on ``module`` (nor global module hooks): calling around it changes nothing.
+
+    accelerate's offloading, for one, swaps a module's ``forward`` to bring its weights in; the fused path must
+    then not read the weights behind its back.
+    """
+    return not (module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__
+                or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+
+
+class _FusedLoraLinear(torch.autograd.Function):
+    """``base(x) + scaling * B A dropout(x)`` as one autograd node, for a frozen nn.Linear or quantized base.
+
+    Why: as separate modules, a training step pays per layer for four graph nodes, a copy of the base output to add
+    the update to, and a second gradient for x (base and LoRA parts) that autograd then adds together. Here the
+    update is added inside the GEMM (``addmm_``) in both directions, and a quantized base rebuilds its weight in
+    backward from block scales kept from forward. On the QLoRA step benchmark (SmolLM2-135M shape, CPU) this took
+    about 2.5% off the step. ``x_lora`` is ``dropout(x)`` when dropout is on, else None (then x feeds both paths and
+    gets one summed gradient); dropout stays outside so autograd takes its mask into account.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, x_lora: torch.Tensor | None, lora_a: torch.Tensor,  # noqa: ANN001
+                lora_b: torch.Tensor, base: nn.Module, scaling: float) -> torch.Tensor:
+        state = None if isinstance(base, nn.Linear) else base.reusable_state()
+        flat_x = x.reshape(-1, x.shape[-1])
+        lora_in = flat_x if x_lora is None else x_lora.reshape(-1, x_lora.shape[-1])
+        bias = None if base.bias is None else base.bias.to(x.dtype)
+        out = F.linear(flat_x, _frozen_weight(base, x.dtype, state), bias)
+        # A x^T as (r, tokens): with r this small, MKL is 1.5-3x faster in this layout than x A^T (and for B's
+        # gradient below), measured on the SmolLM2 shapes
+        after_a_t = lora_a @ lora_in.t()
+        out.addmm_(after_a_t.t(), lora_b.t(), alpha=scaling)
+        ctx.save_for_backward(lora_in, lora_a, lora_b, after_a_t)
+        ctx.base, ctx.state, ctx.scaling, ctx.separate_lora_input = base, state, scaling, x_lora is not None
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
+        lora_in, lora_a, lora_b, after_a_t = ctx.saved_tensors
+        needs_x, needs_x_lora, needs_a, needs_b = ctx.needs_input_grad[:4]
+        flat_grad = grad.reshape(-1, grad.shape[-1])
+        grad_after_a = (flat_grad @ lora_b).mul_(ctx.scaling)  # (tokens, r), already scaled
+        grad_a = grad_after_a.t() @ lora_in if needs_a else None
+        grad_b = (after_a_t @ flat_grad).mul_(ctx.scaling).t() if needs_b else None
+        grad_x = grad_x_lora = None
+        if needs_x:
+            grad_x = flat_grad @ _frozen_weight(ctx.base, grad.dtype, ctx.state)
+            if not ctx.separate_lora_input:
+                grad_x.addmm_(grad_after_a, lora_a)
+            grad_x = grad_x.view(*grad.shape[:-1], grad_x.shape[-1])
+        if ctx.separate_lora_input and needs_x_lora:
+            grad_x_lora = (grad_after_a @ lora_a).view(*grad.shape[:-1], lora_a.shape[-1])
+        return grad_x, grad_x_lora, grad_a, grad_b, None, None
+
+
 class LoraLayer(nn.Module):
     """Wraps one Linear, Conv1D, ConvNd or Embedding and adds any number of named LoRA adapters."""
 
@@ -141,6 +204,8 @@ class LoraLayer(nn.Module):
         # whether the base layer's output is a fresh tensor its backward does not need (see _add_lora)
         conv1d = gpt2_conv1d_class()
         self._result_is_scratch = type(base_layer) is nn.Linear or (conv1d is not None and type(base_layer) is conv1d)
+        # whether training steps may take `_FusedLoraLinear` (see `_fused_adapter` for the per-call conditions)
+        self._fusable = type(base_layer) is nn.Linear or callable(getattr(base_layer, "transient_weight", None))
         self.in_features, self.out_features = _features(base_layer, self.kind)
         self.fan_in_fan_out = fan_in_fan_out
         self.lora_A = nn.ModuleDict()
@@ -313,6 +378,12 @@ class LoraLayer(nn.Module):
             if self.merged_adapters:
                 raise ValueError("A mixed batch (adapter_names=...) cannot run on merged adapters; unmerge first.")
             return self._mixed_batch_forward(x, *args, **kwargs)
+        name = None if args or kwargs else self._fused_adapter(x)
+        if name is not None:
+            dropout = self.lora_dropout[name]
+            x_lora = None if isinstance(dropout, nn.Identity) else dropout(x)
+            return _FusedLoraLinear.apply(x, x_lora, self.lora_A[name].weight, self.lora_B[name].weight,
+                                          self.base_layer, self.scaling[name])
         result = self.base_layer(x, *args, **kwargs)
         if self.merged_adapters:
             return result
@@ -320,6 +391,27 @@ class LoraLayer(nn.Module):
             if name in self.r:
                 result = self._add_lora(name, x, result)
         return result
+
+    def _fused_adapter(self, x: torch.Tensor) -> str | None:
+        """The adapter to run through `_FusedLoraLinear` in this call, or None for the module-by-module path.
+
+        Fused: a training forward (grad enabled, no autocast) of a frozen nn.Linear or quantized base with exactly
+        one active, unmerged adapter whose weights have the input's dtype, as does the base's matmul.
+        """
+        if not self._fusable or not torch.is_grad_enabled() or len(self.active_adapters) != 1 or self.merged_adapters:
+            return None
+        name = self.active_adapters[0]
+        if name not in self.r or torch.is_autocast_enabled(x.device.type):
+            return None
+        base = self.base_layer
+        matmul_dtype = base.weight.dtype if isinstance(base, nn.Linear) else base.compute_dtype or x.dtype
+        if not (x.dtype == matmul_dtype == self.lora_A[name].weight.dtype == self.lora_B[name].weight.dtype):
+            return None
+        if any(p.requires_grad for p in base.parameters()):
+            return None
+        if not all(map(_runs_plain, (base, self.lora_A[name], self.lora_B[name]))):
+            return None
+        return name
 
     def _add_lora(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """result + scaling * B A dropout(x).

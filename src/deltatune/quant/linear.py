@@ -119,6 +119,19 @@ class _QuantizedLinear(nn.Module):
         """The (out, in) float weight in ``dtype`` (default: the original weight's dtype); never needs grad."""
         return self.weight.dequantize(dtype)
 
+    def reusable_state(self) -> torch.Tensor | None:
+        """What rebuilding the weight needs that a forward can compute once and its backward reuse (a 4-bit
+        weight's fp32 block scales, 1/64 of the float weight's size); None for int8. For :meth:`transient_weight`."""
+        return _scales(self.weight)
+
+    def transient_weight(self, dtype: torch.dtype, state: torch.Tensor | None = None) -> torch.Tensor:
+        """The (out, in) float weight for one matmul, for a fused layer above this one (LoRA's).
+
+        On CPU a 4-bit weight is written into a per-thread scratch buffer that the next call overwrites: use the
+        result at once and never keep it. ``state`` is this layer's :meth:`reusable_state`, or None to recompute it.
+        """
+        return _transient_weight(self.weight, dtype, state)
+
     @torch.no_grad()
     def to_linear(self, dtype: torch.dtype = torch.float32, deltas: Iterable[torch.Tensor] = ()) -> nn.Linear:
         """A float ``nn.Linear`` of ``dtype`` holding the dequantized weight (plus ``deltas``, e.g. LoRA updates,
