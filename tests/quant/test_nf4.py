@@ -78,8 +78,39 @@ def test_every_decode_path_is_bit_exact(shape, threads):
         assert torch.equal(ours.dequantize(scratch=_SCRATCH.take), expected)
         assert torch.equal(ours.dequantize(scratch=_SCRATCH.take, scales=ours.absmax_fp32()), expected)
         assert torch.equal(ours.dequantize(torch.bfloat16, scratch=_SCRATCH.take), expected.to(torch.bfloat16))
+        plan = _SCRATCH.plan(ours, torch.float32)  # what Linear4bit replays every step
+        scales = plan.block_scales().clone()
+        assert torch.equal(plan.run(), expected) and torch.equal(plan.run(scales), expected)
+        assert _SCRATCH.plan(ours, torch.float32) is plan
+        assert torch.equal(_SCRATCH.plan(ours, torch.bfloat16).run(scales), expected.to(torch.bfloat16))
     finally:
         torch.set_num_threads(previous)
+
+
+def test_kept_decode_plans_follow_the_weight_threads_and_buffers():
+    """A plan is replayed only while it still describes the weight's tensors, the thread count and the buffers."""
+    from deltatune.quant.linear import _SCRATCH
+
+    first, second = quantize_nf4(torch.randn(96, 200)), quantize_nf4(torch.randn(96, 200))
+    plan = _SCRATCH.plan(first, torch.float32)
+    assert torch.equal(plan.run(), first.dequantize())
+    first.load_state_dict(second.state_dict())  # copied into the same tensors: the plan reads them live
+    assert _SCRATCH.plan(first, torch.float32) is plan and torch.equal(plan.run(), second.dequantize())
+    first.packed, first.absmax = first.packed.clone(), first.absmax.clone()  # new objects, as a device move makes
+    assert _SCRATCH.plan(first, torch.float32) is not plan
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1 if previous > 1 else 2)
+    try:
+        other_threads = _SCRATCH.plan(first, torch.float32)
+        assert other_threads.threaded == (torch.get_num_threads() > 1)
+        assert torch.equal(other_threads.run(), second.dequantize())
+    finally:
+        torch.set_num_threads(previous)
+    kept = _SCRATCH.plan(first, torch.float32)
+    big = quantize_nf4(torch.randn(4096, 1024))  # grows the scratch buffers: every kept plan is dropped
+    assert torch.equal(_SCRATCH.plan(big, torch.float32).run(), big.dequantize())
+    assert first not in _SCRATCH.plans and _SCRATCH.plan(first, torch.float32) is not kept
+    assert torch.equal(_SCRATCH.plan(first, torch.float32).run(), second.dequantize())
 
 
 def test_blocksize_and_dtype_arguments():

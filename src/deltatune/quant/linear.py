@@ -15,6 +15,7 @@ reuses blocks.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Iterable
 
 import torch
@@ -22,23 +23,37 @@ from torch import nn
 
 from ..targets import is_gpt2_conv1d
 from .int8 import Int8Weight, quantize_int8
-from .nf4 import Weight4bit, quantize_4bit
+from .nf4 import DecodePlan, Weight4bit, quantize_4bit
 
 QuantizedWeight = Weight4bit | Int8Weight
 
 
 class _Scratch(threading.local):
-    """Per-thread growable buffers, one per (dtype, device); ``take`` returns a view of the first ``numel``."""
+    """Per-thread growable buffers, one per (dtype, device), and the decode plans of 4-bit weights into them.
+
+    ``take`` returns a view of a buffer's first ``numel`` elements; growing a buffer drops every plan (their views
+    point into the old one). Plans are keyed weakly by weight, so a freed model leaves none behind.
+    """
 
     def __init__(self) -> None:
         self.buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        self.plans: weakref.WeakKeyDictionary[Weight4bit, DecodePlan] = weakref.WeakKeyDictionary()
 
     def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         buf = self.buffers.get((dtype, device))
         if buf is None or buf.numel() < numel:
+            self.plans.clear()
             with torch.inference_mode(False):  # a normal tensor, writable whether or not inference mode is on
                 buf = self.buffers[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
         return buf[:numel]
+
+    def plan(self, weight: Weight4bit, dtype: torch.dtype) -> DecodePlan:
+        """The kept plan that decodes ``weight`` into this thread's buffers, made anew when it no longer fits."""
+        plan = self.plans.get(weight)
+        if plan is None or not plan.fits(weight, dtype):
+            plan = DecodePlan(weight, dtype, self.take)
+            self.plans[weight] = plan
+        return plan
 
 
 _SCRATCH = _Scratch()
@@ -47,16 +62,22 @@ _SCRATCH = _Scratch()
 def _transient_weight(weight: QuantizedWeight, dtype: torch.dtype, scales: torch.Tensor | None = None) -> torch.Tensor:
     """The float weight for one matmul, in the scratch buffer when that pays (4-bit on CPU); never keep it."""
     if isinstance(weight, Weight4bit):
-        return weight.dequantize(dtype, scratch=_SCRATCH.take if weight.device.type == "cpu" else None, scales=scales)
+        if weight.device.type == "cpu":
+            return _SCRATCH.plan(weight, dtype).run(scales)
+        return weight.dequantize(dtype, scales=scales)
     return weight.dequantize(dtype)
 
 
-def _scales(weight: QuantizedWeight) -> torch.Tensor | None:
-    """A 4-bit weight's fp32 block scales in a fresh tensor (kept for the backward); None for int8."""
+def _weight_and_scales(weight: QuantizedWeight, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A forward's transient float weight and, for 4-bit, its fp32 block scales in a fresh tensor for the backward."""
     if not isinstance(weight, Weight4bit):
-        return None
-    index = _SCRATCH.take(weight.absmax.numel(), torch.int32, weight.device) if weight.device.type == "cpu" else None
-    return weight.absmax_fp32(index=index)
+        return weight.dequantize(dtype), None
+    if weight.device.type != "cpu":
+        scales = weight.absmax_fp32()
+        return weight.dequantize(dtype, scales=scales), scales
+    plan = _SCRATCH.plan(weight, dtype)
+    scales = plan.block_scales()
+    return plan.run(scales), scales.clone()
 
 
 class _DequantLinear(torch.autograd.Function):
@@ -70,8 +91,8 @@ class _DequantLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:  # noqa: ANN001
         ctx.weight = weight  # the module, not a tensor: no float weight is saved for backward
         ctx.has_bias = bias is not None
-        ctx.scales = _scales(weight)
-        return nn.functional.linear(x, _transient_weight(weight, x.dtype, ctx.scales), bias)
+        float_weight, ctx.scales = _weight_and_scales(weight, x.dtype)
+        return nn.functional.linear(x, float_weight, bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None]:  # noqa: ANN001
@@ -119,17 +140,18 @@ class _QuantizedLinear(nn.Module):
         """The (out, in) float weight in ``dtype`` (default: the original weight's dtype); never needs grad."""
         return self.weight.dequantize(dtype)
 
-    def reusable_state(self) -> torch.Tensor | None:
-        """What rebuilding the weight needs that a forward can compute once and its backward reuse (a 4-bit
-        weight's fp32 block scales, 1/64 of the float weight's size); None for int8. For :meth:`transient_weight`."""
-        return _scales(self.weight)
-
-    def transient_weight(self, dtype: torch.dtype, state: torch.Tensor | None = None) -> torch.Tensor:
-        """The (out, in) float weight for one matmul, for a fused layer above this one (LoRA's).
+    def transient_weight_and_state(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """For a forward fused above this layer (LoRA's): the (out, in) float weight for one matmul, and what its
+        backward can reuse to rebuild it faster (a 4-bit weight's fp32 block scales, 1/64 of the float weight's
+        size; None for int8).
 
         On CPU a 4-bit weight is written into a per-thread scratch buffer that the next call overwrites: use the
-        result at once and never keep it. ``state`` is this layer's :meth:`reusable_state`, or None to recompute it.
+        weight at once and never keep it; keep the state.
         """
+        return _weight_and_scales(self.weight, dtype)
+
+    def transient_weight(self, dtype: torch.dtype, state: torch.Tensor | None = None) -> torch.Tensor:
+        """The same float weight again, for that backward; ``state`` from :meth:`transient_weight_and_state`."""
         return _transient_weight(self.weight, dtype, state)
 
     @torch.no_grad()

@@ -89,30 +89,12 @@ def _bounds_and_codes(quant_type: str, device: torch.device) -> tuple[torch.Tens
 def _pair_table(quant_type: str, device: torch.device) -> torch.Tensor:
     """(256,) int64: byte -> the fp32 bit patterns of (high nibble's value, low nibble's value), side by side.
 
-    Looking up 8-byte integers decodes two codes at once, and an integer copy keeps every bit; see `_decode_pairs`.
+    Looking up 8-byte integers decodes two codes at once, and an integer copy keeps every bit; see `DecodePlan`.
     """
     code = code_table(quant_type, device)
     byte = torch.arange(256, device=device)
     pairs = torch.stack([code[byte >> 4], code[byte & 15]], dim=1).contiguous()  # (256, 2) fp32
     return pairs.view(torch.int64).reshape(256)
-
-
-def _decode_pairs(packed: torch.Tensor, table: torch.Tensor, out: torch.Tensor,
-                  take: Callable[[int, torch.dtype, torch.device], torch.Tensor]) -> None:
-    """``out[i] = table[packed[i]]`` for a (256,) int64 pair table, with the fastest gather torch has for the case.
-
-    On one CPU thread that is `index_select` with int32 indices (about 3x ``table[idx]``), but it never uses a
-    second thread. With more threads, `gather` along the rows of a (rows, 256) stride-0 view of the table splits the
-    rows over the threads; on 2 cores it took a 1536x576 weight's gather from about 210 to 136 us (int64 indices
-    cost a wider copy, which is why one thread keeps `index_select`).
-    """
-    nbytes = packed.numel()
-    rows = math.gcd(nbytes, 256)
-    if packed.device.type != "cpu" or torch.get_num_threads() == 1 or rows == 1:
-        torch.index_select(table, 0, take(nbytes, torch.int32, packed.device).copy_(packed), out=out)
-        return
-    index = take(nbytes, torch.int64, packed.device).copy_(packed).view(rows, -1)
-    torch.gather(table.expand(rows, 256), 1, index, out=out.view(rows, -1))
 
 
 def _chunk_blocks(nblocks: int, blocksize: int, device: torch.device) -> list[tuple[int, int]]:
@@ -308,8 +290,9 @@ class Weight4bit(nn.Module):
 
         Bit-exact with ``bitsandbytes.functional.dequantize_4bit`` for the same codes. The forward and backward of
         every quantized layer run this, so it touches memory as little as pure PyTorch allows: per chunk of blocks,
-        one gather of two values per byte (:func:`_decode_pairs`) straight into the result, then one scale per block
-        while the chunk is still in cache (:func:`_chunk_blocks`).
+        one gather of two values per byte (:class:`DecodePlan`) straight into the result, then one scale per block
+        while the chunk is still in cache (:func:`_chunk_blocks`). A caller that decodes the same weight into the
+        same buffers again and again keeps a :class:`DecodePlan` instead.
 
         Args:
             dtype: result dtype; None gives the original weight's.
@@ -319,36 +302,7 @@ class Weight4bit(nn.Module):
             scales: this weight's :meth:`absmax_fp32`, when the caller already has it (a layer's backward reuses
                 the forward's); None computes it.
         """
-        dtype = dtype or self.dtype
-        take = scratch or _allocate
-        packed = self.packed
-        device = packed.device
-        n = self.shape.numel()
-        nblocks = self.absmax.numel()
-        nbytes = packed.numel()
-        size = nblocks * self.blocksize
-        floats = take(size + nblocks, torch.float32, device)  # the values, then the scales
-        values = floats[:size]
-        if scales is None:
-            scales = self.absmax_fp32(floats[size:], take(nblocks, torch.int32, device))
-        scale = scales.unsqueeze(1)
-        blocks = values.view(nblocks, self.blocksize)
-        out = blocks if dtype == torch.float32 else take(size, dtype, device).view(blocks.shape)
-        table = _pair_table(self.quant_type, device)
-        if size > 2 * nbytes:  # a short last block: zero its tail so the scale stays finite
-            values[2 * nbytes:] = 0
-            values = values[:2 * nbytes]
-        pairs = values.view(torch.int64)  # high nibble first, as packed
-        chunks = _chunk_blocks(nblocks, self.blocksize, device)
-        if len(chunks) == 1:  # no slicing: every op saved counts on this path
-            _decode_pairs(packed, table, pairs, take)
-            torch.mul(blocks, scale, out=out)
-        else:
-            for first, last in chunks:
-                lo, hi = first * self.blocksize // 2, min(last * self.blocksize // 2, nbytes)
-                _decode_pairs(packed[lo:hi], table, pairs[lo:hi], take)
-                torch.mul(blocks[first:last], scale[first:last], out=out[first:last])
-        return out.view(self.shape) if size == n else out.view(-1)[:n].view(self.shape)
+        return DecodePlan(self, dtype or self.dtype, scratch or _allocate).run(scales)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's signature
         return _device_only(self, fn)
@@ -356,6 +310,110 @@ class Weight4bit(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.quant_type}, shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}, " \
                f"double_quant={self.double_quant}, nbytes={self.nbytes}"
+
+
+class DecodePlan:
+    """One 4-bit weight's decode into fixed buffers, with every tensor view made up front.
+
+    Why: making the views (per chunk: codes, indices, values, scales, result) costs more Python time than the
+    arithmetic of most layers; on a 1536x576 weight, 2 threads, about 90 of 320 us. A quantized layer decodes the same
+    weight into the same scratch buffers every step, so it keeps a plan and :meth:`run` costs three ops per chunk.
+    A plan stays valid while its buffers are not handed to someone else and the weight's tensors are the same objects
+    (:meth:`fits`); results are views of the buffers.
+    """
+
+    def __init__(self, weight: Weight4bit, dtype: torch.dtype,
+                 take: Callable[[int, torch.dtype, torch.device], torch.Tensor]) -> None:
+        packed = weight.packed
+        device = packed.device
+        nblocks, nbytes, blocksize = weight.absmax.numel(), packed.numel(), weight.blocksize
+        size = nblocks * blocksize
+        self.dtype = dtype
+        self.threaded = _threaded_gather(packed)
+        self.sources = (packed, weight.absmax, weight.nested_absmax, weight.offset)
+        floats = take(size + nblocks, torch.float32, device)  # the values, then the scales
+        self.scales = floats[size:]
+        self.scale_steps = _scale_steps(weight, self.scales, take(nblocks, torch.int32, device))
+        values = floats[:size]
+        blocks = values.view(nblocks, blocksize)
+        out = blocks if dtype == torch.float32 else take(size, dtype, device).view(blocks.shape)
+        n = weight.shape.numel()
+        self.result = out.view(weight.shape) if size == n else out.view(-1)[:n].view(weight.shape)
+        self.tail = values[2 * nbytes:] if size > 2 * nbytes else None  # a short last block, zeroed per run
+        pairs = values[:2 * nbytes].view(torch.int64)  # two values per packed byte, high nibble first
+        table = _pair_table(weight.quant_type, device)
+        index = take(nbytes, torch.int64 if self.threaded else torch.int32, device)
+        scale = self.scales.unsqueeze(1)
+        self.steps = []
+        for first, last in _chunk_blocks(nblocks, blocksize, device):
+            lo, hi = first * blocksize // 2, min(last * blocksize // 2, nbytes)
+            codes, chunk_index, chunk_pairs = packed[lo:hi], index[:hi - lo], pairs[lo:hi]
+            rows = math.gcd(hi - lo, 256)
+            if self.threaded and rows > 1:
+                gather = (table.expand(rows, 256), chunk_index.view(rows, -1), chunk_pairs.view(rows, -1))
+            else:
+                gather = (table, chunk_index, chunk_pairs)
+            self.steps.append((codes, chunk_index, gather, blocks[first:last], scale[first:last], out[first:last]))
+
+    def fits(self, weight: Weight4bit, dtype: torch.dtype) -> bool:
+        """Whether this plan still decodes ``weight`` into ``dtype`` the way this thread count wants."""
+        sources = (weight.packed, weight.absmax, weight.nested_absmax, weight.offset)
+        return dtype == self.dtype and _threaded_gather(weight.packed) == self.threaded and all(
+            a is b for a, b in zip(sources, self.sources, strict=True))
+
+    def block_scales(self) -> torch.Tensor:
+        """Compute the fp32 block scales into the plan's buffer (a view; :meth:`run` then needs no ``scales``)."""
+        if self.scale_steps is None:
+            return self.sources[1]  # no double quantization: the stored absmax
+        index, dynamic, whole, nested_whole, tail, nested_last, offset, codes = self.scale_steps
+        torch.index_select(dynamic, 0, index.copy_(codes), out=self.scales)
+        if whole is not None:
+            whole.mul_(nested_whole)
+        if tail is not None:
+            tail.mul_(nested_last)
+        return self.scales.add_(offset)
+
+    def run(self, scales: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode; ``scales`` are the weight's block scales if the caller has them (kept from an earlier
+        :meth:`block_scales`, or its own view from just now), None to compute them."""
+        if scales is None:
+            scales = self.block_scales()
+        if scales.data_ptr() != self.scales.data_ptr():
+            self.scales.copy_(scales)
+        if self.tail is not None:
+            self.tail.zero_()  # so the short block's scale stays finite
+        for codes, index, (table, gather_index, pairs), blocks, scale, out in self.steps:
+            index.copy_(codes)
+            if self.threaded and table.dim() == 2:
+                torch.gather(table, 1, gather_index, out=pairs)
+            else:
+                torch.index_select(table, 0, index, out=pairs)
+            torch.mul(blocks, scale, out=out)
+        return self.result
+
+
+def _threaded_gather(packed: torch.Tensor) -> bool:
+    """Whether `DecodePlan` looks the pairs up with `gather` rather than `index_select`.
+
+    On one CPU thread `index_select` with int32 indices is the fastest (about 3x ``table[idx]``), but it never uses
+    a second thread. With more threads, `gather` along the rows of a (rows, 256) stride-0 view of the table splits
+    the rows over the threads; on 2 cores it took a 1536x576 weight's lookup from about 210 to 136 us (its int64
+    indices cost a wider copy, which is why one thread keeps `index_select`).
+    """
+    return packed.device.type == "cpu" and torch.get_num_threads() > 1
+
+
+def _scale_steps(weight: Weight4bit, out: torch.Tensor, index: torch.Tensor) -> tuple | None:
+    """The views :meth:`DecodePlan.block_scales` needs to undo double quantization into ``out``; None without it."""
+    if not weight.double_quant:
+        return None
+    nblocks = out.numel()
+    whole = nblocks - nblocks % NESTED_BLOCKSIZE
+    nested = weight.nested_absmax
+    return (index, dynamic_map(out.device),
+            out[:whole].view(-1, NESTED_BLOCKSIZE) if whole else None,
+            nested[:whole // NESTED_BLOCKSIZE].unsqueeze(1) if whole else None,
+            out[whole:] if whole < nblocks else None, nested[-1], weight.offset, weight.absmax)
 
 
 def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> Weight4bit:
