@@ -3,7 +3,7 @@
 For each linear weight shape of SmolLM2-135M (q/o 576x576, k/v 192x576, gate/up 1536x576, down 576x1536), NF4 with
 blocksize 64 and double quantization, fp32:
 
-* decode: ``Weight4bit.dequantize(scratch=...)`` exactly as ``Linear4bit`` calls it, against
+* decode: the weight's kept ``DecodePlan`` replayed into the scratch buffers, as ``Linear4bit``'s backward does, against
   ``bitsandbytes.functional.dequantize_4bit`` (which allocates its result, as bitsandbytes' layers do);
 * layer: forward + backward of ``deltatune.quant.Linear4bit`` against ``bitsandbytes.nn.Linear4bit`` on a 512-token
   input that needs a gradient (what a QLoRA step does per layer, minus LoRA).
@@ -64,8 +64,9 @@ def compare_shape(out_f: int, in_f: int, rounds: int) -> tuple[dict[str, float],
     theirs = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=torch.float32, quant_type="nf4", device="meta")
     theirs.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True, quant_type="nf4",
                                       blocksize=64).to("cpu")
-    assert torch.equal(ours.weight.dequantize(scratch=_SCRATCH.take), bnb_f.dequantize_4bit(packed, state))
-    decode = alternate({"ours": lambda: ours.weight.dequantize(scratch=_SCRATCH.take),
+    scales = ours.weight.absmax_fp32()
+    assert torch.equal(_SCRATCH.plan(ours.weight, torch.float32).run(scales), bnb_f.dequantize_4bit(packed, state))
+    decode = alternate({"ours": lambda: _SCRATCH.plan(ours.weight, torch.float32).run(scales),
                         "bnb": lambda: bnb_f.dequantize_4bit(packed, state)}, rounds, 100)
     x = torch.randn(512, in_f, requires_grad=True)
     grad = torch.randn(512, out_f)

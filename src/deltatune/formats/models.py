@@ -90,22 +90,35 @@ def resolve_model(name_or_path: str | os.PathLike | None) -> ModelSource:
     raise FileNotFoundError(f"--model {name_or_path!r} does not exist (expected an HF model folder or a .gguf file).")
 
 
+def load_tokenizer(source: ModelSource) -> Any:
+    """The tokenizer of ``source`` (from the GGUF file for a GGUF model), with a pad token (eos if it had none)."""
+    from transformers import AutoTokenizer
+
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(source.directory, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model(
-    source: ModelSource, dtype: torch.dtype = torch.float32, quantize: str | None = None
+    source: ModelSource, dtype: torch.dtype = torch.float32, quantize: str | None = None, tokenizer: Any = None
 ) -> tuple[nn.Module, Any]:
     """Load a causal LM and its tokenizer from ``source`` (GGUF weights are dequantized to ``dtype``).
 
     Args:
         quantize: "nf4", "fp4" or "int8" loads the linear layers straight into that format, one tensor
             at a time, so the float model is never built whole (QLoRA on a machine it would not fit).
+        tokenizer: the :func:`load_tokenizer` of ``source`` when the caller already has it (reading it from a
+            GGUF file takes seconds); None loads it.
 
     Returns:
         (model, tokenizer): the model in eval mode; the tokenizer has a pad token.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(source.directory, **kwargs)
+    tokenizer = load_tokenizer(source) if tokenizer is None else tokenizer
     if quantize:
         from ..quant import load_gguf_quantized, load_quantized, quantize_arguments
 
@@ -118,8 +131,6 @@ def load_model(
     if source.gguf_file:
         _forget_gguf_quantizer(model)
         model.config.name_or_path = source.path
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
 
 

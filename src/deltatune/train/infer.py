@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..config import CONFIG_NAME
-from ..formats.models import load_model, resolve_model, save_full_model
+from ..formats.models import load_model, load_tokenizer, resolve_model, save_full_model
 from ..model import PeftModel
 from . import data as datamod
 from .evaluate import EvalResult, evaluate
@@ -35,11 +35,11 @@ def base_model_of(adapter: str, model: str | None = None) -> str | None:
         return json.load(fh).get("base_model_name_or_path")
 
 
-def load_adapted(adapter: str, model: str | None = None) -> tuple[PeftModel, Any]:
-    """Base model + adapter, frozen, in eval mode, and the tokenizer."""
+def load_adapted(adapter: str, model: str | None = None, tokenizer: Any = None) -> tuple[PeftModel, Any]:
+    """Base model + adapter, frozen, in eval mode, and the tokenizer (``tokenizer`` if given: the base's)."""
     source = resolve_model(base_model_of(adapter, model))
     # an adapter that learned beside a quantized base gets that base rebuilt the same way
-    base, tokenizer = load_model(source, quantize=read_run_info(adapter).get("quantize"))
+    base, tokenizer = load_model(source, quantize=read_run_info(adapter).get("quantize"), tokenizer=tokenizer)
     return PeftModel.from_pretrained(base, adapter, is_trainable=False), tokenizer
 
 
@@ -100,16 +100,13 @@ def evaluate_file(adapter: str, data: str, model: str | None = None, data_format
     Raises:
         FileNotFoundError / ValueError: bad adapter folder or data file, before the model loads.
     """
-    from transformers import AutoTokenizer
-
     source = resolve_model(base_model_of(adapter, model))
     raw_rows = datamod.read_rows(data)
     fmt = datamod.detect_format(raw_rows, data, data_format)
-    tokenizer = AutoTokenizer.from_pretrained(source.directory,
-                                              **({"gguf_file": source.gguf_file} if source.gguf_file else {}))
+    tokenizer = load_tokenizer(source)
     examples = datamod.to_examples(raw_rows, fmt, tokenizer, data)
     rows = datamod.tokenize(examples, tokenizer, max_length, data).rows
-    peft_model, tokenizer = load_adapted(adapter, model)
+    peft_model, tokenizer = load_adapted(adapter, model, tokenizer)
     return evaluate(peft_model, tokenizer, examples, rows, max_new_tokens=max_new_tokens)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from transformers import PrinterCallback
 
-from ..formats.models import load_model, resolve_model
+from ..formats.models import load_model, load_tokenizer, resolve_model
 from ..methods.lora import LoraConfig
 from ..model import get_peft_model
 from . import data as datamod
@@ -103,12 +103,7 @@ def train(config: TrainConfig) -> RunSummary:
     resume_from = last_checkpoint(checkpoints) if config.resume else None
     if config.resume and resume_from is None:
         raise FileNotFoundError(f"--resume: no checkpoint found in {checkpoints}.")
-    from transformers import AutoTokenizer
-
-    tokenizer_kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(source.directory, **tokenizer_kwargs)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(source)
     prepared = prepare_data(config, tokenizer)
     args = training_arguments(checkpoints, config, use_cpu=not torch.cuda.is_available())
     main = args.process_index == 0
@@ -121,7 +116,7 @@ def train(config: TrainConfig) -> RunSummary:
         print(f"removing checkpoints of an earlier run in {checkpoints} (use --resume to continue it)")
         shutil.rmtree(checkpoints)
     torch.manual_seed(config.seed)  # the adapter's initial A matrices
-    model, tokenizer = load_model(source, quantize=config.quantize)
+    model, tokenizer = load_model(source, quantize=config.quantize, tokenizer=tokenizer)
     peft_model = get_peft_model(model, lora_config(config, source.path))
     trainable, all_params = peft_model.get_nb_trainable_parameters()
     if main:
