@@ -250,3 +250,23 @@ def test_fused_path_steps_aside_when_it_cannot_be_exact():
     assert torch.allclose(hooked, layer(x) + layer.base_layer(x))  # the hook ran: base counted twice
     with torch.no_grad():
         assert layer(x).grad_fn is None
+
+
+@pytest.mark.parametrize("kind", ["linear", "nf4"])
+def test_fused_path_supports_double_backward(kind):
+    """A gradient penalty (backward through an input gradient) must see the right weight, not a reused buffer."""
+    layer = _layer(_fusable_base(kind), r=4, alpha=8).train()
+    other = _layer(_fusable_base(kind), r=4, alpha=8)  # decoding its weight reuses the scratch buffer
+    base = layer.base_layer
+    weight = base.weight if kind == "linear" else base.dequantized_weight(torch.float32)
+    a, b = layer.lora_A["a"].weight, layer.lora_B["a"].weight
+    x = torch.randn(6, 70, requires_grad=True)
+    (grad_x,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    other(torch.randn(6, 70)).sum().backward()
+    grad_x.square().sum().backward()
+    ref_a = a.detach().clone().requires_grad_()
+    ref_x = x.detach().clone().requires_grad_()
+    out = F.linear(ref_x, weight.detach(), base.bias.detach()) + 2.0 * (ref_x @ ref_a.T @ b.detach().T)
+    (ref_grad_x,) = torch.autograd.grad(out.square().sum(), ref_x, create_graph=True)
+    ref_grad_x.square().sum().backward()
+    assert torch.allclose(a.grad, ref_a.grad, rtol=1e-4, atol=1e-4)

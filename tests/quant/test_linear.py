@@ -46,6 +46,21 @@ def test_backward_gives_input_and_bias_grads_and_saves_no_float_weight(cls):
     assert torch.allclose(layer.bias.grad, grad.sum(0))
 
 
+def test_double_backward_sees_this_layers_weight():
+    """backward(create_graph=True) keeps the weight it multiplied by; another layer's decode must not change it."""
+    layer, other = Linear4bit.from_linear(nn.Linear(96, 70)), Linear4bit.from_linear(nn.Linear(96, 70))
+    x = torch.randn(5, 96, requires_grad=True)
+    (grad_x,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    other(torch.randn(5, 96, requires_grad=True)).sum().backward()
+    (second,) = torch.autograd.grad(grad_x.square().sum(), x)
+    w = layer.dequantized_weight()
+    ref_x = x.detach().clone().requires_grad_()
+    (ref_grad_x,) = torch.autograd.grad(nn.functional.linear(ref_x, w, layer.bias.detach()).square().sum(), ref_x,
+                                        create_graph=True)
+    (expected,) = torch.autograd.grad(ref_grad_x.square().sum(), ref_x)
+    assert torch.allclose(second, expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("name", ["nf4", "fp4", "int8"])
 def test_quantize_model_replaces_every_linear_but_the_head(name):
     model = make_model("llama")

@@ -98,7 +98,10 @@ class _DequantLinear(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None]:  # noqa: ANN001
         grad_x = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad @ _transient_weight(ctx.weight, grad.dtype, ctx.scales)  # (..., out) @ (out, in)
+            weight = _transient_weight(ctx.weight, grad.dtype, ctx.scales)
+            if torch.is_grad_enabled():  # backward(create_graph=True) keeps it: take it out of the scratch buffer
+                weight = weight.clone()
+            grad_x = grad @ weight  # (..., out) @ (out, in)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
         return grad_x, None, grad_b
