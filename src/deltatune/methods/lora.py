@@ -409,13 +409,14 @@ class LoraLayer(nn.Module):
         name = self.active_adapters[0]
         if name not in self.r or torch.is_autocast_enabled(x.device.type):
             return None
-        base = self.base_layer
+        base, lora_a, lora_b = self.base_layer, self.lora_A[name], self.lora_B[name]
         matmul_dtype = base.weight.dtype if isinstance(base, nn.Linear) else base.compute_dtype or x.dtype
-        if not (x.dtype == matmul_dtype == self.lora_A[name].weight.dtype == self.lora_B[name].weight.dtype):
+        if not (x.dtype == matmul_dtype == lora_a.weight.dtype == lora_b.weight.dtype):
             return None
-        if any(p.requires_grad for p in base.parameters()):
+        # the base's own weight and bias (a quantized weight is buffers in a submodule, never trainable)
+        if any(p is not None and p.requires_grad for p in base._parameters.values()):
             return None
-        if not all(map(_runs_plain, (base, self.lora_A[name], self.lora_B[name]))):
+        if not (_runs_plain(base) and _runs_plain(lora_a) and _runs_plain(lora_b)):
             return None
         return name
 
