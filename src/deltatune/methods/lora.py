@@ -159,9 +159,11 @@ class _FusedLoraLinear(torch.autograd.Function):
     Why: as separate modules, a training step pays per layer for four graph nodes, a copy of the base output to add
     the update to, and a second gradient for x (base and LoRA parts) that autograd then adds together. Here the
     update is added inside the GEMM (``addmm_``) in both directions, and a quantized base rebuilds its weight in
-    backward from block scales kept from forward. On the step benchmarks (SmolLM2-135M shape, all linear layers, CPU)
-    this took QLoRA from 1.003 to 0.968 of PEFT + bitsandbytes' time and LoRA from 0.991 to 0.95 of PEFT's. ``x_lora`` is ``dropout(x)`` when dropout is on, else None (then x feeds both paths and
-    gets one summed gradient); dropout stays outside so autograd takes its mask into account.
+    backward from block scales kept from forward. On the step benchmarks (SmolLM2-135M shape, all linear layers,
+    CPU) this took QLoRA from 1.003 to 0.968 of PEFT + bitsandbytes' time and LoRA from 0.991 to 0.95 of PEFT's.
+
+    ``x_lora`` is ``dropout(x)`` when dropout is on, else None (then x feeds both paths and gets one summed
+    gradient); dropout stays outside so autograd takes its mask into account.
     """
 
     @staticmethod
