@@ -123,11 +123,14 @@ def count_adapter_layers(model: nn.Module) -> int:
 # ---- timing -------------------------------------------------------------------------------------
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor) -> Callable[[], float]:
-    """One full step; the returned closure gives the step's loss."""
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor,
+               bf16: bool = False) -> Callable[[], float]:
+    """One full step; the returned closure gives the step's loss. ``bf16``: the forward under CPU bf16 autocast
+    (what the main job does on a CPU with AMX/AVX512-BF16; the weights and the optimizer stay fp32)."""
 
     def step() -> float:
-        loss = model(input_ids=ids, labels=ids).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -229,7 +232,7 @@ def run_target_set(key: str, base: nn.Module, ids: torch.Tensor, args: argparse.
     for lib, model in models.items():
         model.train()
         optimizer = torch.optim.AdamW(trainable(model).values(), lr=1e-4)
-        steps[lib] = train_step(model, optimizer, ids)
+        steps[lib] = train_step(model, optimizer, ids, args.bf16)
     times, results = alternate(steps, args.steps, args.warmup)
     train = Comparison("deltatune", "peft", to_ms(times["deltatune"]), to_ms(times["peft"]))
     max_loss_diff = (max(abs(float(r["deltatune"]) - float(r["peft"])) for r in results) if synced else None)
@@ -275,6 +278,8 @@ def add_step_arguments(parser: argparse.ArgumentParser, steps: int, quick_steps:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="also write all numbers (raw times included) here")
     parser.add_argument("--quick", action="store_true", help="tiny model and batch: a smoke run of a few seconds")
+    parser.add_argument("--bf16", action="store_true", help="training forward under CPU bf16 autocast, for both "
+                        "libraries (the main job's default on CPUs with native bf16); default fp32")
 
 
 def fill_step_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser, steps: int, quick_steps: int) -> None:
@@ -342,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), generator=generator)
     header = (
         f"model: {'tiny Llama (--quick)' if args.quick else 'SmolLM2-135M-shaped Llama'}, "
-        f"{base_params / 1e6:.1f}M params, fp32 CPU | batch {args.batch}x{args.seq} | "
+        f"{base_params / 1e6:.1f}M params, fp32 CPU{' + bf16 autocast' if args.bf16 else ''} | "
+        f"batch {args.batch}x{args.seq} | "
         f"r={RANK} alpha={ALPHA} dropout={args.dropout} | "
         f"{args.steps} measured + {args.warmup} warm-up rounds, alternating | threads {args.threads}\n"
         f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "

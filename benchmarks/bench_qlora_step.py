@@ -124,7 +124,7 @@ def time_steps(args: argparse.Namespace) -> dict[str, Any]:
     steps = {}
     for lib, model in models.items():
         model.train()
-        steps[lib] = train_step(model, torch.optim.AdamW(trainable(model).values(), lr=1e-4), ids)
+        steps[lib] = train_step(model, torch.optim.AdamW(trainable(model).values(), lr=1e-4), ids, args.bf16)
     times, results = alternate(steps, args.steps, args.warmup)
     comparison = Comparison("deltatune", "peft+bnb", to_ms(times["deltatune"]), to_ms(times["peft+bnb"]))
     max_loss_diff = max(abs(float(r["deltatune"]) - float(r["peft+bnb"])) for r in results) if synced else None
@@ -148,7 +148,7 @@ def memory_child(library: str, args: argparse.Namespace) -> dict[str, float]:
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq),
                         generator=torch.Generator().manual_seed(args.seed + 1))
     model.train()
-    step = train_step(model, torch.optim.AdamW(trainable(model).values(), lr=1e-4), ids)
+    step = train_step(model, torch.optim.AdamW(trainable(model).values(), lr=1e-4), ids, args.bf16)
     setup_rss = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
@@ -164,7 +164,8 @@ def measure_memory(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     for lib in LIBRARIES:
         cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", lib, "--memory-steps",
                str(args.memory_steps), "--threads", str(args.threads), "--seed", str(args.seed),
-               "--batch", str(args.batch), "--seq", str(args.seq)] + (["--quick"] if args.quick else [])
+               "--batch", str(args.batch), "--seq", str(args.seq)] + (["--quick"] if args.quick else []) + \
+              (["--bf16"] if args.bf16 else [])
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
         out[lib] = json.loads(proc.stdout.strip().splitlines()[-1])
     return out
@@ -202,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import deltatune
 
-    header = (f"model: {'tiny Llama (--quick)' if args.quick else 'SmolLM2-135M-shaped Llama'}, fp32 CPU | "
+    precision = "fp32 CPU + bf16 autocast" if args.bf16 else "fp32 CPU"
+    header = (f"model: {'tiny Llama (--quick)' if args.quick else 'SmolLM2-135M-shaped Llama'}, {precision} | "
               f"batch {args.batch}x{args.seq} | NF4 bs64 double-quant, LoRA all-linear r={RANK} alpha={ALPHA} | "
               f"threads {args.threads}\ntorch {torch.__version__}, transformers {transformers.__version__}, "
               f"peft {peft.__version__}, bitsandbytes {bitsandbytes.__version__}, deltatune {deltatune.__version__}, "

@@ -226,7 +226,7 @@ def test_fused_backward_passes_gradcheck(separate_lora_input):
     x_lora = torch.randn(3, 6, dtype=torch.float64, requires_grad=True) if separate_lora_input else None
     a = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
     b = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
-    inputs = (x, x_lora, a, b, base, 1.5)
+    inputs = (x, x_lora, a, b, base, 1.5, torch.float64)
     assert torch.autograd.gradcheck(lambda *t: _FusedLoraLinear.apply(*t), inputs)
 
 
@@ -270,3 +270,24 @@ def test_fused_path_supports_double_backward(kind):
     (ref_grad_x,) = torch.autograd.grad(out.square().sum(), ref_x, create_graph=True)
     ref_grad_x.square().sum().backward()
     assert torch.allclose(a.grad, ref_a.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["linear", "nf4"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_path_under_autocast_matches_module_by_module(kind, dropout):
+    """Under bf16 autocast the fused path casts as autocast would: same dtypes out, same values to bf16 rounding."""
+    results = {}
+    for fused in (True, False):
+        layer = _layer(_fusable_base(kind), r=4, alpha=8, lora_dropout=dropout).train()
+        layer._fusable = fused
+        x = torch.randn(2, 5, 70, requires_grad=True, generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(7)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x)
+        assert (type(out.grad_fn).__name__ == "_FusedLoraLinearBackward") == fused
+        out.float().square().sum().backward()
+        results[fused] = [out, x.grad, layer.lora_A["a"].weight.grad, layer.lora_B["a"].weight.grad]
+    for name, got, expected in zip(["output", "x", "A", "B"], results[True], results[False], strict=True):
+        assert got.dtype == expected.dtype, name
+        scale = expected.float().abs().max()
+        assert (got.float() - expected.float()).abs().max() <= 0.02 * scale, name

@@ -138,7 +138,7 @@ def _frozen_weight(base: nn.Module, dtype: torch.dtype, state: torch.Tensor | No
     copied out of the scratch buffer that the next layer would overwrite.
     """
     if isinstance(base, nn.Linear):
-        return base.weight
+        return base.weight.to(dtype)
     weight = base.transient_weight(dtype, state)
     return weight.clone() if torch.is_grad_enabled() else weight
 
@@ -163,16 +163,21 @@ class _FusedLoraLinear(torch.autograd.Function):
     CPU) this took QLoRA from 1.003 to 0.968 of PEFT + bitsandbytes' time and LoRA from 0.991 to 0.95 of PEFT's.
 
     ``x_lora`` is ``dropout(x)`` when dropout is on, else None (then x feeds both paths and gets one summed
-    gradient); dropout stays outside so autograd takes its mask into account.
+    gradient); dropout stays outside so autograd takes its mask into account. ``dtype`` is what every product runs
+    in: the input's, or autocast's (bf16), which then casts the input, weights and adapter the way autocast would.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, x_lora: torch.Tensor | None, lora_a: torch.Tensor,  # noqa: ANN001
-                lora_b: torch.Tensor, base: nn.Module, scaling: float) -> torch.Tensor:
-        weight, state = (base.weight, None) if isinstance(base, nn.Linear) else base.transient_weight_and_state(x.dtype)
-        flat_x = x.reshape(-1, x.shape[-1])
-        lora_in = flat_x if x_lora is None else x_lora.reshape(-1, x_lora.shape[-1])
-        bias = None if base.bias is None else base.bias.to(x.dtype)
+                lora_b: torch.Tensor, base: nn.Module, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+        if isinstance(base, nn.Linear):
+            weight, state = base.weight.to(dtype), None
+        else:
+            weight, state = base.transient_weight_and_state(dtype)
+        flat_x = x.reshape(-1, x.shape[-1]).to(dtype)
+        lora_in = flat_x if x_lora is None else x_lora.reshape(-1, x_lora.shape[-1]).to(dtype)
+        lora_a, lora_b = lora_a.to(dtype), lora_b.to(dtype)
+        bias = None if base.bias is None else base.bias.to(dtype)
         out = F.linear(flat_x, weight, bias)
         # A x^T as (r, tokens): with r this small, MKL is 1.5-3x faster in this layout than x A^T (and for B's
         # gradient below), measured on the SmolLM2 shapes
@@ -180,25 +185,27 @@ class _FusedLoraLinear(torch.autograd.Function):
         out.addmm_(after_a_t.t(), lora_b.t(), alpha=scaling)
         ctx.save_for_backward(lora_in, lora_a, lora_b, after_a_t)
         ctx.base, ctx.state, ctx.scaling, ctx.separate_lora_input = base, state, scaling, x_lora is not None
+        ctx.input_dtypes = (x.dtype, None if x_lora is None else x_lora.dtype)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
-        lora_in, lora_a, lora_b, after_a_t = ctx.saved_tensors
+        lora_in, lora_a, lora_b, after_a_t = ctx.saved_tensors  # all in the products' dtype
         needs_x, needs_x_lora, needs_a, needs_b = ctx.needs_input_grad[:4]
-        flat_grad = grad.reshape(-1, grad.shape[-1])
+        x_dtype, x_lora_dtype = ctx.input_dtypes
+        flat_grad = grad.reshape(-1, grad.shape[-1]).to(lora_in.dtype)
         grad_after_a = (flat_grad @ lora_b).mul_(ctx.scaling)  # (tokens, r), already scaled
         grad_a = grad_after_a.t() @ lora_in if needs_a else None
         grad_b = (after_a_t @ flat_grad).mul_(ctx.scaling).t() if needs_b else None
         grad_x = grad_x_lora = None
         if needs_x:
-            grad_x = flat_grad @ _frozen_weight(ctx.base, grad.dtype, ctx.state)
+            grad_x = flat_grad @ _frozen_weight(ctx.base, lora_in.dtype, ctx.state)
             if not ctx.separate_lora_input:
                 grad_x.addmm_(grad_after_a, lora_a)
-            grad_x = grad_x.view(*grad.shape[:-1], grad_x.shape[-1])
+            grad_x = grad_x.view(*grad.shape[:-1], grad_x.shape[-1]).to(x_dtype)
         if ctx.separate_lora_input and needs_x_lora:
-            grad_x_lora = (grad_after_a @ lora_a).view(*grad.shape[:-1], lora_a.shape[-1])
-        return grad_x, grad_x_lora, grad_a, grad_b, None, None
+            grad_x_lora = (grad_after_a @ lora_a).view(*grad.shape[:-1], lora_a.shape[-1]).to(x_lora_dtype)
+        return grad_x, grad_x_lora, grad_a, grad_b, None, None, None
 
 
 class LoraLayer(nn.Module):
@@ -391,7 +398,7 @@ class LoraLayer(nn.Module):
             dropout = self.lora_dropout[name]
             x_lora = None if isinstance(dropout, nn.Identity) else dropout(x)
             return _FusedLoraLinear.apply(x, x_lora, self.lora_A[name].weight, self.lora_B[name].weight,
-                                          self.base_layer, self.scaling[name])
+                                          self.base_layer, self.scaling[name], self._fused_dtype(x))
         result = self.base_layer(x, *args, **kwargs)
         if self.merged_adapters:
             return result
@@ -403,17 +410,21 @@ class LoraLayer(nn.Module):
     def _fused_adapter(self, x: torch.Tensor) -> str | None:
         """The adapter to run through `_FusedLoraLinear` in this call, or None for the module-by-module path.
 
-        Fused: a training forward (grad enabled, no autocast) of a frozen nn.Linear or quantized base with exactly
-        one active, unmerged adapter whose weights have the input's dtype, as does the base's matmul.
+        Fused: a training forward (grad enabled) of a frozen nn.Linear or quantized base with exactly one active,
+        unmerged adapter, where the input, the adapter and the base's matmul share a dtype, or autocast (bf16/fp16)
+        decides it for all of them.
         """
         if not self._fusable or not torch.is_grad_enabled() or len(self.active_adapters) != 1 or self.merged_adapters:
             return None
         name = self.active_adapters[0]
-        if name not in self.r or torch.is_autocast_enabled(x.device.type):
+        if name not in self.r:
             return None
         base, lora_a, lora_b = self.base_layer, self.lora_A[name], self.lora_B[name]
-        matmul_dtype = base.weight.dtype if isinstance(base, nn.Linear) else base.compute_dtype or x.dtype
-        if not (x.dtype == matmul_dtype == lora_a.weight.dtype == lora_b.weight.dtype):
+        if not torch.is_autocast_enabled(x.device.type):
+            matmul_dtype = base.weight.dtype if isinstance(base, nn.Linear) else base.compute_dtype or x.dtype
+            if not (x.dtype == matmul_dtype == lora_a.weight.dtype == lora_b.weight.dtype):
+                return None
+        elif not x.is_floating_point():
             return None
         # the base's own weight and bias (a quantized weight is buffers in a submodule, never trainable)
         if any(p is not None and p.requires_grad for p in base._parameters.values()):
@@ -421,6 +432,12 @@ class LoraLayer(nn.Module):
         if not (_runs_plain(base) and _runs_plain(lora_a) and _runs_plain(lora_b)):
             return None
         return name
+
+    @staticmethod
+    def _fused_dtype(x: torch.Tensor) -> torch.dtype:
+        """The dtype of the fused path's products: autocast's when it is on (as it would cast each matmul), else x's."""
+        device = x.device.type
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
     def _add_lora(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """result + scaling * B A dropout(x).
