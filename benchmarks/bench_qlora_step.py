@@ -12,7 +12,9 @@ What is measured
 * Both: ``LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")``, AdamW (lr 1e-4) on the
   trainable parameters. The NF4 codes of the two are bit-identical, and deltatune's initial adapter weights are
   copied into the PEFT model, so both do the same arithmetic: the losses are compared every round.
-* Step = forward with labels -> ``loss.backward()`` -> ``optimizer.step()`` -> ``optimizer.zero_grad()``.
+* Step = forward with labels -> ``loss.backward()`` -> ``optimizer.step()`` -> ``optimizer.zero_grad()``; with
+  ``--bf16`` the forward runs under CPU bf16 autocast. ``--unfused`` adds a third model in the same rounds:
+  deltatune with its fused LoRA training path off, to show what that path is worth.
 
 Method
 ------
@@ -33,7 +35,8 @@ Stored bytes (b) are ``benchmarks/bench_quant_bytes.py``'s job; run that.
 
 Usage::
 
-    python benchmarks/bench_qlora_step.py [--steps N] [--warmup K] [--threads T] [--json out.json] [--quick]
+    python benchmarks/bench_qlora_step.py [--steps N] [--warmup K] [--threads T] [--bf16] [--unfused]
+        [--json out.json] [--quick]
     python benchmarks/bench_qlora_step.py --memory [--memory-steps 5] [--threads T] [--json out.json] [--quick]
 """
 
@@ -69,6 +72,7 @@ from bench_lora_step import (  # noqa: E402 - the sibling benchmark's model, ste
 )
 
 LIBRARIES = ("deltatune", "peft+bnb")
+UNFUSED = "deltatune-unfused"
 RANK, ALPHA = 8, 16
 
 
@@ -117,10 +121,12 @@ def time_steps(args: argparse.Namespace) -> dict[str, Any]:
     ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq),
                         generator=torch.Generator().manual_seed(args.seed + 1))
     models = {lib: qlora_model(lib, copy.deepcopy(base)) for lib in LIBRARIES}
+    if args.unfused:  # a third contender: deltatune with its fused LoRA training path switched off
+        models[UNFUSED] = unfused(qlora_model("deltatune", copy.deepcopy(base)))
     del base
     counts = {lib: sum(p.numel() for p in trainable(m).values()) for lib, m in models.items()}
-    assert counts["deltatune"] == counts["peft+bnb"], f"trainable parameter counts differ: {counts}"
-    synced = copy_adapter_weights(models["deltatune"], models["peft+bnb"])
+    assert len(set(counts.values())) == 1, f"trainable parameter counts differ: {counts}"
+    synced = all(copy_adapter_weights(models["deltatune"], m) for lib, m in models.items() if lib != "deltatune")
     steps = {}
     for lib, model in models.items():
         model.train()
@@ -128,7 +134,21 @@ def time_steps(args: argparse.Namespace) -> dict[str, Any]:
     times, results = alternate(steps, args.steps, args.warmup)
     comparison = Comparison("deltatune", "peft+bnb", to_ms(times["deltatune"]), to_ms(times["peft+bnb"]))
     max_loss_diff = max(abs(float(r["deltatune"]) - float(r["peft+bnb"])) for r in results) if synced else None
-    return {"trainable_params": counts["deltatune"], "train": asdict(comparison), "max_loss_diff": max_loss_diff}
+    out = {"trainable_params": counts["deltatune"], "train": asdict(comparison), "max_loss_diff": max_loss_diff}
+    if args.unfused:
+        out["fused_vs_unfused"] = asdict(Comparison("deltatune", UNFUSED, to_ms(times["deltatune"]),
+                                                    to_ms(times[UNFUSED])))
+    return out
+
+
+def unfused(model: nn.Module) -> nn.Module:
+    """``model`` with every LoRA layer on its module-by-module path (what deltatune did before the fused one)."""
+    from deltatune.methods.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module._fusable = False
+    return model
 
 
 # ---- (c) peak memory ------------------------------------------------------------------------------
@@ -181,6 +201,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--memory", action="store_true", help="measure peak RSS (one subprocess per library) "
                         "instead of step time")
     parser.add_argument("--memory-steps", type=int, default=5, help="training steps per memory run (default 5)")
+    parser.add_argument("--unfused", action="store_true", help="also time deltatune with its fused LoRA training "
+                        "path off, in the same rounds, and print fused / unfused")
     parser.add_argument("--memory-child", choices=LIBRARIES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     fill_step_defaults(args, parser, steps=15, quick_steps=5)
@@ -229,6 +251,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  deltatune median {t['median_a_ms']:.1f} ms | peft+bnb median {t['median_b_ms']:.1f} ms")
         print(f"  med(ratio) {t['median_of_round_ratios']:.3f} | ratio(med) {t['ratio_of_medians']:.3f} | "
               f"ratio(min) {t['ratio_of_minima']:.3f} | max|dloss| {loss}   (ratio = deltatune / peft+bnb)")
+        if args.unfused:
+            u = res["fused_vs_unfused"]
+            print(f"  deltatune-unfused median {u['median_b_ms']:.1f} ms | fused / unfused: med(ratio) "
+                  f"{u['median_of_round_ratios']:.3f} | ratio(med) {u['ratio_of_medians']:.3f} | "
+                  f"ratio(min) {u['ratio_of_minima']:.3f}")
     print(f"[{time.perf_counter() - started:.1f}s]", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
