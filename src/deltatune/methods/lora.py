@@ -131,16 +131,19 @@ def _adapter_dtype(base: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def _frozen_weight(base: nn.Module, dtype: torch.dtype, state: torch.Tensor | None) -> torch.Tensor:
-    """For a backward: the (out, in) weight of a frozen nn.Linear, or a quantized layer's weight rebuilt.
+def _frozen_weight_and_state(base: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """For a forward: the (out, in) weight of a frozen nn.Linear in ``dtype``, or a quantized layer's weight rebuilt,
+    with what the backward's :func:`_frozen_weight` may reuse (a quantized layer's block scales)."""
+    if isinstance(base, nn.Linear):
+        return base.weight.to(dtype), None
+    return base.transient_weight_and_state(dtype)
 
-    Under ``backward(create_graph=True)`` autograd keeps what the backward multiplies by, so a quantized weight is
-    copied out of the scratch buffer that the next layer would overwrite.
-    """
+
+def _frozen_weight(base: nn.Module, dtype: torch.dtype, state: torch.Tensor | None) -> torch.Tensor:
+    """For a backward: the same weight again (a quantized layer's copy is safe to keep under create_graph)."""
     if isinstance(base, nn.Linear):
         return base.weight.to(dtype)
-    weight = base.transient_weight(dtype, state)
-    return weight.clone() if torch.is_grad_enabled() else weight
+    return base.transient_weight(dtype, state)
 
 
 def _runs_plain(module: nn.Module) -> bool:
@@ -170,10 +173,7 @@ class _FusedLoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, x_lora: torch.Tensor | None, lora_a: torch.Tensor,  # noqa: ANN001
                 lora_b: torch.Tensor, base: nn.Module, scaling: float, dtype: torch.dtype) -> torch.Tensor:
-        if isinstance(base, nn.Linear):
-            weight, state = base.weight.to(dtype), None
-        else:
-            weight, state = base.transient_weight_and_state(dtype)
+        weight, state = _frozen_weight_and_state(base, dtype)
         flat_x = x.reshape(-1, x.shape[-1]).to(dtype)
         lora_in = flat_x if x_lora is None else x_lora.reshape(-1, x_lora.shape[-1]).to(dtype)
         lora_a, lora_b = lora_a.to(dtype), lora_b.to(dtype)
@@ -218,7 +218,7 @@ class LoraLayer(nn.Module):
         # whether the base layer's output is a fresh tensor its backward does not need (see _add_lora)
         conv1d = gpt2_conv1d_class()
         self._result_is_scratch = type(base_layer) is nn.Linear or (conv1d is not None and type(base_layer) is conv1d)
-        # whether training steps may take `_FusedLoraLinear` (see `_fused_adapter` for the per-call conditions)
+        # whether training steps may take `_FusedLoraLinear` (see `_fused_call` for the per-call conditions)
         self._fusable = type(base_layer) is nn.Linear or callable(
             getattr(base_layer, "transient_weight_and_state", None))
         self.in_features, self.out_features = _features(base_layer, self.kind)
@@ -393,12 +393,13 @@ class LoraLayer(nn.Module):
             if self.merged_adapters:
                 raise ValueError("A mixed batch (adapter_names=...) cannot run on merged adapters; unmerge first.")
             return self._mixed_batch_forward(x, *args, **kwargs)
-        name = None if args or kwargs else self._fused_adapter(x)
-        if name is not None:
+        fused = None if args or kwargs else self._fused_call(x)
+        if fused is not None:
+            name, dtype = fused
             dropout = self.lora_dropout[name]
             x_lora = None if isinstance(dropout, nn.Identity) else dropout(x)
             return _FusedLoraLinear.apply(x, x_lora, self.lora_A[name].weight, self.lora_B[name].weight,
-                                          self.base_layer, self.scaling[name], self._fused_dtype(x))
+                                          self.base_layer, self.scaling[name], dtype)
         result = self.base_layer(x, *args, **kwargs)
         if self.merged_adapters:
             return result
@@ -407,12 +408,13 @@ class LoraLayer(nn.Module):
                 result = self._add_lora(name, x, result)
         return result
 
-    def _fused_adapter(self, x: torch.Tensor) -> str | None:
-        """The adapter to run through `_FusedLoraLinear` in this call, or None for the module-by-module path.
+    def _fused_call(self, x: torch.Tensor) -> tuple[str, torch.dtype] | None:
+        """The adapter to run through `_FusedLoraLinear` in this call and the dtype of its products, or None for the
+        module-by-module path.
 
         Fused: a training forward (grad enabled) of a frozen nn.Linear or quantized base with exactly one active,
         unmerged adapter, where the input, the adapter and the base's matmul share a dtype, or autocast (bf16/fp16)
-        decides it for all of them.
+        decides it for all of them, as it would cast each matmul.
         """
         if not self._fusable or not torch.is_grad_enabled() or len(self.active_adapters) != 1 or self.merged_adapters:
             return None
@@ -420,24 +422,22 @@ class LoraLayer(nn.Module):
         if name not in self.r:
             return None
         base, lora_a, lora_b = self.base_layer, self.lora_A[name], self.lora_B[name]
-        if not torch.is_autocast_enabled(x.device.type):
-            matmul_dtype = base.weight.dtype if isinstance(base, nn.Linear) else base.compute_dtype or x.dtype
-            if not (x.dtype == matmul_dtype == lora_a.weight.dtype == lora_b.weight.dtype):
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            if not x.is_floating_point():
                 return None
-        elif not x.is_floating_point():
-            return None
+            dtype = torch.get_autocast_dtype(device)
+        else:
+            dtype = x.dtype
+            matmul_dtype = base.weight.dtype if isinstance(base, nn.Linear) else base.compute_dtype or dtype
+            if not (dtype == matmul_dtype == lora_a.weight.dtype == lora_b.weight.dtype):
+                return None
         # the base's own weight and bias (a quantized weight is buffers in a submodule, never trainable)
         if any(p is not None and p.requires_grad for p in base._parameters.values()):
             return None
         if not (_runs_plain(base) and _runs_plain(lora_a) and _runs_plain(lora_b)):
             return None
-        return name
-
-    @staticmethod
-    def _fused_dtype(x: torch.Tensor) -> torch.dtype:
-        """The dtype of the fused path's products: autocast's when it is on (as it would cast each matmul), else x's."""
-        device = x.device.type
-        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        return name, dtype
 
     def _add_lora(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """result + scaling * B A dropout(x).

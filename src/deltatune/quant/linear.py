@@ -68,6 +68,13 @@ def _transient_weight(weight: QuantizedWeight, dtype: torch.dtype, scales: torch
     return weight.dequantize(dtype)
 
 
+def _backward_weight(weight: QuantizedWeight, dtype: torch.dtype, scales: torch.Tensor | None) -> torch.Tensor:
+    """:func:`_transient_weight` for a backward. Under ``backward(create_graph=True)`` autograd keeps what the
+    backward multiplies by, so the weight is then copied out of the scratch buffer the next layer overwrites."""
+    float_weight = _transient_weight(weight, dtype, scales)
+    return float_weight.clone() if torch.is_grad_enabled() else float_weight
+
+
 def _weight_and_scales(weight: QuantizedWeight, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A forward's transient float weight and, for 4-bit, its fp32 block scales in a fresh tensor for the backward."""
     if not isinstance(weight, Weight4bit):
@@ -98,10 +105,7 @@ class _DequantLinear(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None]:  # noqa: ANN001
         grad_x = grad_b = None
         if ctx.needs_input_grad[0]:
-            weight = _transient_weight(ctx.weight, grad.dtype, ctx.scales)
-            if torch.is_grad_enabled():  # backward(create_graph=True) keeps it: take it out of the scratch buffer
-                weight = weight.clone()
-            grad_x = grad @ weight  # (..., out) @ (out, in)
+            grad_x = grad @ _backward_weight(ctx.weight, grad.dtype, ctx.scales)  # (..., out) @ (out, in)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
         return grad_x, None, grad_b
@@ -154,8 +158,9 @@ class _QuantizedLinear(nn.Module):
         return _weight_and_scales(self.weight, dtype)
 
     def transient_weight(self, dtype: torch.dtype, state: torch.Tensor | None = None) -> torch.Tensor:
-        """The same float weight again, for that backward; ``state`` from :meth:`transient_weight_and_state`."""
-        return _transient_weight(self.weight, dtype, state)
+        """The same float weight again, for that backward; ``state`` from :meth:`transient_weight_and_state`.
+        Under ``backward(create_graph=True)`` it is a copy that autograd may keep."""
+        return _backward_weight(self.weight, dtype, state)
 
     @torch.no_grad()
     def to_linear(self, dtype: torch.dtype = torch.float32, deltas: Iterable[torch.Tensor] = ()) -> nn.Linear:

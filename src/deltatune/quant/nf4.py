@@ -261,27 +261,17 @@ class Weight4bit(nn.Module):
         """Every byte this weight stores: codes, absmax, nested absmax and offset (the code tables are shared)."""
         return sum(b.numel() * b.element_size() for b in self._buffers.values() if b is not None)
 
-    def absmax_fp32(self, out: torch.Tensor | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
+    def absmax_fp32(self) -> torch.Tensor:
         """Per-block scales in fp32, undoing double quantization: ``dyn[q] * nested_absmax[i // 256] + offset``.
 
-        The roundings (one multiply, then one add) are bitsandbytes'. ``out`` (fp32) and ``index`` (int32), each of
-        ``nblocks`` elements, are buffers to use instead of allocating: every forward and backward of a layer runs
-        this, and on CPU a fresh small tensor often lands on memory glibc has just handed back to the OS, so its
-        page faults cost more than the arithmetic. Without double quantization the stored absmax is returned.
+        The roundings (one multiply, then one add) are bitsandbytes'. Without double quantization the stored absmax
+        is returned. A fresh tensor; layers compute the same into their :class:`DecodePlan`'s buffer instead.
         """
         if not self.double_quant:
             return self.absmax
         nblocks = self.absmax.numel()
-        device = self.absmax.device
-        index = torch.empty(nblocks, dtype=torch.int32, device=device) if index is None else index
-        out = torch.empty(nblocks, dtype=torch.float32, device=device) if out is None else out
-        values = torch.index_select(dynamic_map(device), 0, index.copy_(self.absmax), out=out)
-        whole = nblocks - nblocks % NESTED_BLOCKSIZE
-        if whole:
-            values[:whole].view(-1, NESTED_BLOCKSIZE).mul_(self.nested_absmax[:whole // NESTED_BLOCKSIZE].unsqueeze(1))
-        if whole < nblocks:  # a short last group of blocks
-            values[whole:].mul_(self.nested_absmax[-1])
-        return values.add_(self.offset)
+        out = torch.empty(nblocks, dtype=torch.float32, device=self.absmax.device)
+        return _compute_scales(_scale_steps(self, out, torch.empty(nblocks, dtype=torch.int32, device=out.device)))
 
     def dequantize(self, dtype: torch.dtype | None = None,
                    scratch: Callable[[int, torch.dtype, torch.device], torch.Tensor] | None = None,
@@ -329,8 +319,8 @@ class DecodePlan:
         nblocks, nbytes, blocksize = weight.absmax.numel(), packed.numel(), weight.blocksize
         size = nblocks * blocksize
         self.dtype = dtype
-        self.threaded = _threaded_gather(packed)
         self.on_cpu = device.type == "cpu"
+        self.threaded = _threaded_gather(self.on_cpu)
         self.sources = [weight._buffers[name] for name in _BUFFER_NAMES]  # what `fits` compares, by identity
         floats = take(size + nblocks, torch.float32, device)  # the values, then the scales
         self.scales = floats[size:]
@@ -361,7 +351,7 @@ class DecodePlan:
 
         Called before every replay, so written for speed: the buffers straight from ``_buffers``, no generators.
         """
-        if dtype != self.dtype or (self.on_cpu and torch.get_num_threads() > 1) != self.threaded:
+        if dtype != self.dtype or _threaded_gather(self.on_cpu) != self.threaded:
             return False
         buffers, sources = weight._buffers, self.sources
         return buffers["packed"] is sources[0] and buffers["absmax"] is sources[1] and \
@@ -371,13 +361,7 @@ class DecodePlan:
         """Compute the fp32 block scales into the plan's buffer (a view; :meth:`run` then needs no ``scales``)."""
         if self.scale_steps is None:
             return self.sources[1]  # no double quantization: the stored absmax
-        index, dynamic, whole, nested_whole, tail, nested_last, offset, codes = self.scale_steps
-        torch.index_select(dynamic, 0, index.copy_(codes), out=self.scales)
-        if whole is not None:
-            whole.mul_(nested_whole)
-        if tail is not None:
-            tail.mul_(nested_last)
-        return self.scales.add_(offset)
+        return _compute_scales(self.scale_steps)
 
     def run(self, scales: torch.Tensor | None = None) -> torch.Tensor:
         """Decode; ``scales`` are the weight's block scales if the caller has them (kept from an earlier
@@ -390,7 +374,7 @@ class DecodePlan:
             self.tail.zero_()  # so the short block's scale stays finite
         for codes, index, (table, gather_index, pairs), blocks, scale, out in self.steps:
             index.copy_(codes)
-            if self.threaded and table.dim() == 2:
+            if table.dim() == 2:  # the row-split view of the threaded path
                 torch.gather(table, 1, gather_index, out=pairs)
             else:
                 torch.index_select(table, 0, index, out=pairs)
@@ -401,7 +385,7 @@ class DecodePlan:
 _BUFFER_NAMES = ("packed", "absmax", "nested_absmax", "offset")
 
 
-def _threaded_gather(packed: torch.Tensor) -> bool:
+def _threaded_gather(on_cpu: bool) -> bool:
     """Whether `DecodePlan` looks the pairs up with `gather` rather than `index_select`.
 
     On one CPU thread `index_select` with int32 indices is the fastest (about 3x ``table[idx]``), but it never uses
@@ -409,20 +393,33 @@ def _threaded_gather(packed: torch.Tensor) -> bool:
     the rows over the threads; on 2 cores it took a 1536x576 weight's lookup from about 210 to 136 us (its int64
     indices cost a wider copy, which is why one thread keeps `index_select`).
     """
-    return packed.device.type == "cpu" and torch.get_num_threads() > 1
+    return on_cpu and torch.get_num_threads() > 1
 
 
 def _scale_steps(weight: Weight4bit, out: torch.Tensor, index: torch.Tensor) -> tuple | None:
-    """The views :meth:`DecodePlan.block_scales` needs to undo double quantization into ``out``; None without it."""
+    """The views :func:`_compute_scales` needs to undo double quantization into ``out`` (fp32) with ``index``
+    (int32), each of ``nblocks`` elements; None without double quantization."""
     if not weight.double_quant:
         return None
     nblocks = out.numel()
     whole = nblocks - nblocks % NESTED_BLOCKSIZE
     nested = weight.nested_absmax
-    return (index, dynamic_map(out.device),
+    return (out, index, dynamic_map(out.device),
             out[:whole].view(-1, NESTED_BLOCKSIZE) if whole else None,
             nested[:whole // NESTED_BLOCKSIZE].unsqueeze(1) if whole else None,
             out[whole:] if whole < nblocks else None, nested[-1], weight.offset, weight.absmax)
+
+
+def _compute_scales(steps: tuple) -> torch.Tensor:
+    """Run :func:`_scale_steps`' views: ``dyn[q]``, times the nested absmax of each group of 256 blocks (a short
+    last group included), plus the offset; returns their ``out``."""
+    out, index, dynamic, whole, nested_whole, tail, nested_last, offset, codes = steps
+    torch.index_select(dynamic, 0, index.copy_(codes), out=out)
+    if whole is not None:
+        whole.mul_(nested_whole)
+    if tail is not None:
+        tail.mul_(nested_last)
+    return out.add_(offset)
 
 
 def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> Weight4bit:
