@@ -1,9 +1,62 @@
-"""deltatune: parameter-efficient fine-tuning of PyTorch models, with HF PEFT's API and files."""
+"""deltatune: parameter-efficient fine-tuning of PyTorch models, with HF PEFT's API and files.
 
+The names are PEFT's, so switching is one import: ``from peft import X`` -> ``from deltatune import X``.
+"""
+
+from .auto import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+)
 from .config import PeftConfig, PeftType, TaskType
+from .functional import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from .integrations import install as _install_integrations
 from .methods.lora import LoraConfig
-from .model import PeftModel, get_peft_model
+from .model import PeftModel
+from .quant.kbit import prepare_model_for_kbit_training
+from .tasks import (
+    MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+    get_peft_model,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["LoraConfig", "PeftConfig", "PeftModel", "PeftType", "TaskType", "get_peft_model", "__version__"]
+_install_integrations()  # for trainers imported before deltatune; objects made later install again
+
+__all__ = [
+    "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
+    "AutoPeftModel",
+    "AutoPeftModelForCausalLM",
+    "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering",
+    "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification",
+    "LoraConfig",
+    "PeftConfig",
+    "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "PeftType",
+    "TaskType",
+    "__version__",
+    "get_peft_model",
+    "get_peft_model_state_dict",
+    "inject_adapter_in_model",
+    "prepare_model_for_kbit_training",
+    "set_peft_model_state_dict",
+]

@@ -1,8 +1,9 @@
-"""``PeftModel``: the wrapper users hold. Same names and behaviour as HF PEFT's.
+"""``PeftModel``: the wrapper users hold. Same names, signatures and behaviour as HF PEFT's.
 
 It owns the adapters' configs, decides which adapter is active and trainable, and reads and writes
 PEFT adapter folders. It knows methods only through the registry (``methods.METHODS``) and the
-``AdapterLayer`` protocol, so a new method needs no change here.
+``AdapterLayer`` protocol, so a new method needs no change here. The per-task subclasses
+(``PeftModelForCausalLM``, ...) and ``get_peft_model`` live in ``tasks.py``.
 """
 
 from __future__ import annotations
@@ -16,14 +17,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter_layer import BASE_ADAPTER, AdapterLayer, adapter_layers, replace_module
-from .config import PeftConfig, TaskType, read_config_dict
-from .formats.peft import adapter_tensors, load_adapter_tensors, read_adapter_weights, write_adapter
-from .methods import config_from_dict, method_for
-from .modules_to_save import ModulesToSaveWrapper, wrap_modules_to_save
-from .targets import CLASSIFIER_HEAD_NAMES
+from . import integrations
+from .adapter_layer import BASE_ADAPTER, adapter_layers, replace_module
+from .config import PeftConfig, TaskType
+from .formats.peft import adapter_tensors, load_adapter_tensors, write_adapter
+from .functional import resolve_save_embedding_layers, values_from_state_dict
+from .loading import check_adapter_name, read_adapter
+from .methods import method_for
+from .modules_to_save import wrap_modules_to_save
+from .targets import is_quantized
 
 DEFAULT_ADAPTER = "default"
+# Heads a task trains in full next to the adapter (PEFT's classifier_module_names / qa_module_names).
+TASK_HEADS: dict[str, tuple[str, ...]] = {
+    TaskType.SEQ_CLS.value: ("classifier", "score"),
+    TaskType.TOKEN_CLS.value: ("classifier", "score"),
+    TaskType.QUESTION_ANS.value: ("qa_outputs",),
+}
 
 
 class AdaptedModel(nn.Module):
@@ -44,6 +54,24 @@ class AdaptedModel(nn.Module):
                 raise
             return getattr(self.model, name)
 
+    def enable_adapter_layers(self) -> None:
+        """Adapters take part in forward again (PEFT's tuner method of the same name)."""
+        for _, layer in adapter_layers(self.model):
+            layer.disabled = False
+
+    def disable_adapter_layers(self) -> None:
+        """Forward computes the base model alone until ``enable_adapter_layers``; merged adapters are unmerged."""
+        for _, layer in adapter_layers(self.model):
+            if layer.merged_adapters:
+                warnings.warn("Adapters were merged; unmerging them to disable the adapter layers.", stacklevel=2)
+                layer.unmerge()
+            layer.disabled = True
+
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """Names (relative to the wrapped model) of the modules an adapter method wraps; not modules_to_save."""
+        return [name for name, layer in adapter_layers(self.model) if not hasattr(layer, "original_module")]
+
 
 class PeftModel(nn.Module):
     """A base model with one or more named adapters.
@@ -53,20 +81,27 @@ class PeftModel(nn.Module):
         peft_config: adapter name -> its config.
     """
 
-    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = DEFAULT_ADAPTER) -> None:
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = DEFAULT_ADAPTER,
+                 autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False) -> None:
         super().__init__()
+        integrations.install()
         self.base_model = AdaptedModel(model)
         self.peft_config: dict[str, PeftConfig] = {}
         self._active: list[str] = []
-        self.add_adapter(adapter_name, peft_config)
+        self._frozen_adapters: set[str] = set()
+        self.add_adapter(adapter_name, peft_config, autocast_adapter_dtype=autocast_adapter_dtype,
+                         freeze_base=True)
         self.set_adapter(adapter_name)
 
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("base_model", "_active", "peft_config"):
+            if name in ("base_model", "_active", "peft_config", "_frozen_adapters"):
                 raise
+            # Trainers probe attributes the wrapper lacks; if one was imported after this model was made, this
+            # is where its integration gets installed (a no-op when nothing new was imported)
+            integrations.install()
             return getattr(self.base_model, name)
 
     # ---- adapters -------------------------------------------------------------------------------
@@ -83,22 +118,36 @@ class PeftModel(nn.Module):
     def active_peft_config(self) -> PeftConfig:
         return self.peft_config[self.active_adapter]
 
+    @property
+    def peft_type(self) -> str | None:
+        return self.active_peft_config.peft_type
+
+    @property
+    def targeted_module_names(self) -> list[str]:
+        return self.base_model.targeted_module_names
+
     def get_base_model(self) -> nn.Module:
         return self.base_model.model
 
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
-        """Attach a new adapter (not activated: call ``set_adapter``). A failure leaves the model as it was."""
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True, *, freeze_base: bool = False) -> None:
+        """Attach a new adapter (not activated: call ``set_adapter``). A failure leaves the model as it was.
+
+        As in PEFT, the base model's parameters are frozen only when the model is first wrapped
+        (``freeze_base``); adding an adapter later leaves parameters the user unfroze alone.
+        ``low_cpu_mem_usage`` is accepted for PEFT's signature: adapter weights are small and made in place.
+        """
         if adapter_name in self.peft_config:
             raise ValueError(f"An adapter named {adapter_name!r} exists already; pick another name.")
-        if adapter_name == BASE_ADAPTER or not adapter_name or "." in adapter_name:
-            raise ValueError(f"{adapter_name!r} cannot name an adapter (reserved, empty, or contains '.').")
+        check_adapter_name(adapter_name)
         if peft_config.is_prompt_learning and self.peft_config:
             raise ValueError("Prompt-learning adapters cannot share a model with other adapters.")
         method = method_for(peft_config.peft_type)
         model = self.get_base_model()
-        if peft_config.task_type == TaskType.SEQ_CLS.value:
-            heads = [h for h in CLASSIFIER_HEAD_NAMES if h not in (peft_config.modules_to_save or [])]
-            peft_config.modules_to_save = [*(peft_config.modules_to_save or []), *heads]
+        heads = TASK_HEADS.get(peft_config.task_type or "", ())
+        extra_heads = [h for h in heads if h not in (peft_config.modules_to_save or [])]
+        if extra_heads:
+            peft_config.modules_to_save = [*(peft_config.modules_to_save or []), *extra_heads]
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
         method.attach(model, peft_config, adapter_name)
@@ -109,15 +158,31 @@ class PeftModel(nn.Module):
                 self._remove_adapter_layers(adapter_name)
                 raise
         self.peft_config[adapter_name] = peft_config
+        if freeze_base:
+            for param in model.parameters():
+                param.requires_grad_(False)
+        if not autocast_adapter_dtype:
+            self._cast_adapter_to_base_dtype(adapter_name)
         self._apply_activation()
 
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
-        """Make these adapters the ones forward applies, and the ones that train."""
+    def _cast_adapter_to_base_dtype(self, adapter_name: str) -> None:
+        """``autocast_adapter_dtype=False``: keep the adapter in the base layer's bf16/fp16 instead of fp32."""
+        for _, layer in adapter_layers(self.get_base_model()):
+            dtype = getattr(getattr(layer.base_layer, "weight", None), "dtype", None)
+            if dtype not in (torch.float16, torch.bfloat16):
+                continue
+            for tensor in layer.adapter_state_dict(adapter_name).values():
+                if tensor.is_floating_point():
+                    tensor.data = tensor.data.to(dtype)
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Make these adapters the ones forward applies and (unless ``inference_mode``) the ones that train."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"No adapter named {unknown}; this model has {sorted(self.peft_config)}.")
         self._active = names
+        self._frozen_adapters = set(names) if inference_mode else set()
         self._apply_activation()
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -137,34 +202,46 @@ class PeftModel(nn.Module):
         for name, layer in list(adapter_layers(model)):
             layer.delete_adapter(adapter_name)
             if not layer.adapter_names():
-                replace_module(model, name, layer.unwrapped(merge=False))
+                replace_module(model, name, layer.original_module if hasattr(layer, "original_module")
+                               else layer.unwrapped(merge=False))
 
     def _apply_activation(self) -> None:
-        """Push the active adapter list into every layer and set requires_grad to match."""
+        """Push the active adapter list into every layer; only the active adapters' tensors train.
+
+        Only adapter tensors are touched (as in PEFT): base parameters the user unfroze stay trainable.
+        """
         model = self.get_base_model()
-        for param in model.parameters():
-            param.requires_grad_(False)
         for _, layer in adapter_layers(model):
             layer.active_adapters = [a for a in self._active if a in layer.adapter_names()]
-        for name in self._active:
-            config = self.peft_config.get(name)
-            if config is None or config.inference_mode:
-                continue
-            for tensor in adapter_tensors(self, config, name).values():
+        trainable = [n for n in self._active if not self.peft_config[n].inference_mode
+                     and n not in self._frozen_adapters]
+        for name, config in self.peft_config.items():  # freeze first, so shared tensors end up trainable
+            if name not in trainable:
+                for tensor in adapter_tensors(self, config, name).values():
+                    tensor.requires_grad_(False)
+        for name in trainable:
+            for tensor in adapter_tensors(self, self.peft_config[name], name).values():
                 if tensor.is_floating_point():
                     tensor.requires_grad_(True)
+
+    def enable_adapter_layers(self) -> None:
+        self.base_model.enable_adapter_layers()
+
+    def disable_adapter_layers(self) -> None:
+        self.base_model.disable_adapter_layers()
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Inside this block the model computes the base model's output."""
         layers = [layer for _, layer in adapter_layers(self)]
+        before = [layer.disabled for layer in layers]
         for layer in layers:
             layer.disabled = True
         try:
             yield
         finally:
-            for layer in layers:
-                layer.disabled = False
+            for layer, was in zip(layers, before, strict=True):
+                layer.disabled = was
 
     # ---- merging --------------------------------------------------------------------------------
 
@@ -251,14 +328,20 @@ class PeftModel(nn.Module):
     # ---- counting -------------------------------------------------------------------------------
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, all) parameter counts."""
+        """(trainable, all) parameter counts, as PEFT counts them.
+
+        A bitsandbytes ``Params4bit`` packs two weights per byte, so it counts ``2 * bytes``; deltatune's own
+        quantized layers hold their codes as buffers, and count the weights those codes stand for.
+        """
         trainable = all_params = 0
         for param in self.parameters():
             count = param.numel()
+            if type(param).__name__ == "Params4bit":
+                count *= 2 * param.element_size()
             all_params += count
             if param.requires_grad:
                 trainable += count
-        return trainable, all_params
+        return trainable, all_params + _quantized_weight_count(self)
 
     def print_trainable_parameters(self) -> None:
         trainable, all_params = self.get_nb_trainable_parameters()
@@ -272,12 +355,31 @@ class PeftModel(nn.Module):
     def save_pretrained(
         self,
         save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
         selected_adapters: list[str] | None = None,
-        save_embedding_layers: bool = False,
+        save_embedding_layers: bool | str = False,
         is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: str | None = None,
+        state_dict: dict[str, torch.Tensor] | None = None,
         **kwargs: Any,
     ) -> None:
-        """Write each adapter as a PEFT folder: "default" at the top, others in sub-folders by name."""
+        """Write each adapter as a PEFT folder: "default" at the top, others in sub-folders by name.
+
+        Args:
+            save_embedding_layers: True also writes the full embedding matrices of targeted embedding
+                layers; "auto" does as PEFT does (True when ``embed_tokens``/``lm_head`` are named in
+                ``target_modules`` or the vocabulary differs from the base model's local config.json).
+            state_dict: the full model state dict (as Trainer passes under FSDP/DeepSpeed); the adapter's
+                values are taken from it instead of the live parameters.
+        """
+        if kwargs:
+            raise TypeError(f"save_pretrained() got unexpected keyword arguments {sorted(kwargs)}.")
+        if not safe_serialization:
+            raise ValueError("safe_serialization=False (a pickled adapter_model.bin) is not supported: deltatune "
+                             "writes safetensors only, which PEFT reads too.")
+        if path_initial_model_for_weight_conversion is not None:
+            raise ValueError("path_initial_model_for_weight_conversion (PiSSA/OLoRA conversion) is not supported "
+                             "yet by deltatune.")
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory!r} is a file; save_pretrained needs a folder.")
         names = selected_adapters or list(self.peft_config)
@@ -294,7 +396,10 @@ class PeftModel(nn.Module):
             if config.task_type is None:
                 extra["auto_mapping"] = {"base_model_class": type(model).__name__,
                                          "parent_library": type(model).__module__}
-            tensors = adapter_tensors(self, config, name, save_embedding_layers=save_embedding_layers)
+            embeddings = resolve_save_embedding_layers(save_embedding_layers, config, model)
+            tensors = adapter_tensors(self, config, name, save_embedding_layers=embeddings)
+            if state_dict is not None:
+                tensors = values_from_state_dict(self, tensors, state_dict)
             write_adapter(directory, config, tensors, extra)
 
     @classmethod
@@ -305,20 +410,42 @@ class PeftModel(nn.Module):
         adapter_name: str = DEFAULT_ADAPTER,
         is_trainable: bool = False,
         config: PeftConfig | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> PeftModel:
         """Wrap ``model`` with the adapter saved in folder ``model_id`` (frozen unless ``is_trainable``).
 
-        The config and weights are read and checked before the model is touched; if the weights do
-        not fit, the model is given back unchanged and the error names the key and both shapes.
+        Called on ``PeftModel`` itself, returns the class for the adapter's ``task_type``
+        (``PeftModelForCausalLM``, ...) as PEFT does. Keyword arguments are PEFT's: ``subfolder`` and
+        ``torch_device`` are honoured, Hub-only ones (``token``, ``cache_dir``, ...) have no effect on a
+        local folder and say so; anything else is an error. The config and weights are read and checked
+        before the model is touched; if the weights do not fit, the model is given back unchanged and the
+        error names the key and both shapes.
         """
-        config, weights = _read_adapter(model_id, config, is_trainable)
+        adapter = read_adapter(model_id, config, is_trainable, ephemeral_gpu_offload=ephemeral_gpu_offload,
+                               key_mapping=key_mapping, **kwargs)
+        check_adapter_name(adapter_name)
+        if cls is PeftModel:
+            from .tasks import peft_model_class  # the subclasses are defined on top of this module
+
+            cls = peft_model_class(adapter.config.task_type)
         wrapper = cls.__new__(cls)
         nn.Module.__init__(wrapper)
+        integrations.install()
         wrapper.base_model = AdaptedModel(model)
         wrapper.peft_config = {}
         wrapper._active = []
-        wrapper._load_checked(adapter_name, config, weights, os.fspath(model_id))
+        wrapper._frozen_adapters = set()
+        requires_grad = {id(p): p.requires_grad for p in model.parameters()}
+        try:
+            wrapper._load_checked(adapter_name, adapter, autocast_adapter_dtype, freeze_base=True)
+        except Exception:
+            for param in model.parameters():  # a failed load leaves the model as it was
+                param.requires_grad_(requires_grad.get(id(param), param.requires_grad))
+            raise
         wrapper._active = [adapter_name]
         wrapper._apply_activation()
         if not is_trainable:
@@ -326,29 +453,58 @@ class PeftModel(nn.Module):
         return wrapper
 
     def load_adapter(
-        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **kwargs: Any
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        torch_device: str | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
+        **kwargs: Any,
     ) -> None:
-        """Add the adapter saved in ``model_id`` under ``adapter_name`` (not activated)."""
+        """Load the adapter saved in ``model_id`` as ``adapter_name`` (not activated).
+
+        As in PEFT, an existing ``adapter_name`` gets the file's weights (this is how Trainer resumes and
+        loads the best checkpoint); a new one is attached first. Not ``is_trainable``: the model is put in
+        eval mode, as PEFT does.
+        """
+        config = kwargs.pop("config", None)
+        adapter = read_adapter(model_id, config, is_trainable, torch_device=torch_device,
+                               ephemeral_gpu_offload=ephemeral_gpu_offload, key_mapping=key_mapping, **kwargs)
         if adapter_name in self.peft_config:
-            raise ValueError(f"An adapter named {adapter_name!r} exists already; pick another name.")
-        config, weights = _read_adapter(model_id, kwargs.get("config"), is_trainable)
-        self._load_checked(adapter_name, config, weights, os.fspath(model_id))
-        self._apply_activation()
+            self._warn_load_result(adapter.source, *load_adapter_tensors(
+                self, self.peft_config[adapter_name], adapter_name, adapter.weights,
+                skip_mismatched=adapter.ignore_mismatched_sizes))
+        else:
+            self._load_checked(adapter_name, adapter, autocast_adapter_dtype)
+            self._apply_activation()
         if not is_trainable:
             self.eval()
 
-    def _load_checked(self, adapter_name: str, config: PeftConfig, weights: dict, source: str) -> None:
-        self.add_adapter(adapter_name, config)
+    def _load_checked(self, adapter_name: str, adapter: Any, autocast_adapter_dtype: bool = True,
+                      freeze_base: bool = False) -> None:
+        self.add_adapter(adapter_name, adapter.config, autocast_adapter_dtype=autocast_adapter_dtype,
+                         freeze_base=freeze_base)
         try:
-            missing, unexpected = load_adapter_tensors(self, config, adapter_name, weights)
+            result = load_adapter_tensors(self, adapter.config, adapter_name, adapter.weights,
+                                          skip_mismatched=adapter.ignore_mismatched_sizes)
         except ValueError:
             self._undo_add(adapter_name)
             raise
+        if adapter.device is not None:
+            for tensor in adapter_tensors(self, adapter.config, adapter_name).values():
+                tensor.data = tensor.data.to(adapter.device)
+        self._warn_load_result(adapter.source, *result)
+
+    @staticmethod
+    def _warn_load_result(source: str, missing: list[str], unexpected: list[str]) -> None:
         if missing:
             warnings.warn(f"{source}: the file lacks these adapter tensors (left at their initial values): {missing}",
-                          stacklevel=3)
+                          stacklevel=4)
         if unexpected:
-            warnings.warn(f"{source}: ignoring tensors this model has no place for: {unexpected}", stacklevel=3)
+            warnings.warn(f"{source}: ignoring tensors this model has no place for: {unexpected}", stacklevel=4)
 
     def _undo_add(self, adapter_name: str) -> None:
         self._remove_adapter_layers(adapter_name)
@@ -356,28 +512,6 @@ class PeftModel(nn.Module):
         self._active = [a for a in self._active if a != adapter_name]
 
 
-def _read_adapter(
-    model_id: str | os.PathLike, config: PeftConfig | None, is_trainable: bool
-) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
-    """Read and check an adapter folder's config and weights without touching any model."""
-    if config is None:
-        data = read_config_dict(model_id)
-        config = config_from_dict(data, source=os.path.join(os.fspath(model_id), "adapter_config.json"))
-    config.inference_mode = not is_trainable
-    return config, read_adapter_weights(model_id)
-
-
-def get_peft_model(
-    model: nn.Module, peft_config: PeftConfig, adapter_name: str = DEFAULT_ADAPTER, **kwargs: Any
-) -> PeftModel:
-    """Wrap ``model`` with a new adapter described by ``peft_config``; only the adapter trains.
-
-    Raises:
-        ValueError: the config targets nothing, a target cannot be adapted, or ``model`` is already
-            a PeftModel (use ``add_adapter``). The model is left unchanged.
-    """
-    if isinstance(model, PeftModel):
-        raise ValueError("This model is already a PeftModel; use model.add_adapter(name, config) to add another.")
-    if any(isinstance(m, (AdapterLayer, ModulesToSaveWrapper)) for m in model.modules()):
-        raise ValueError("This model already holds adapter layers; wrap the original model, or call unload() first.")
-    return PeftModel(model, peft_config, adapter_name)
+def _quantized_weight_count(model: nn.Module) -> int:
+    """Weights held as codes in deltatune's Linear4bit/Linear8bit buffers (PEFT counts a bnb layer's the same)."""
+    return sum(m.in_features * m.out_features for m in model.modules() if is_quantized(m))

@@ -9,6 +9,7 @@ stored under the plain module key (``base_model.model.classifier.weight``). Adap
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -102,7 +103,8 @@ def _model_tensor_for(key: str, model_tensors: dict[str, torch.Tensor]) -> torch
 
 @torch.no_grad()
 def load_adapter_tensors(
-    root: nn.Module, config: PeftConfig, adapter_name: str, weights: dict[str, torch.Tensor]
+    root: nn.Module, config: PeftConfig, adapter_name: str, weights: dict[str, torch.Tensor],
+    skip_mismatched: bool = False,
 ) -> tuple[list[str], list[str]]:
     """Copy file tensors into the adapter ``adapter_name`` already attached to ``root``.
 
@@ -111,6 +113,10 @@ def load_adapter_tensors(
 
     Returns:
         (missing, unexpected): adapter keys the file lacks; file keys the model has no place for.
+
+    Args:
+        skip_mismatched: tensors whose shape does not fit are left out with a warning (PEFT's
+            ``ignore_mismatched_sizes``) instead of refused.
 
     Raises:
         ValueError: a shape does not fit; names the key and both shapes. Nothing is copied then.
@@ -128,7 +134,10 @@ def load_adapter_tensors(
             mismatched.append(f"{key}: file has {tuple(value.shape)}, model has {tuple(target.shape)}")
         else:
             plan.append((target, value))
-    if mismatched:
+    if mismatched and skip_mismatched:
+        warnings.warn("Skipping adapter tensors whose shape does not fit (ignore_mismatched_sizes=True):\n  "
+                      + "\n  ".join(mismatched), stacklevel=3)
+    elif mismatched:
         raise ValueError(
             "The adapter's tensors do not fit this model (was it trained on another base model or rank?):\n  "
             + "\n  ".join(mismatched)

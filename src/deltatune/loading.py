@@ -1,0 +1,118 @@
+"""Reading an adapter folder with PEFT's keyword arguments, before any model is touched.
+
+``PeftModel.from_pretrained`` and ``load_adapter`` take the keyword arguments PEFT takes. Each one is
+honoured, or has no effect and says so (Hub download options on a local folder), or is refused with
+an error that says why: none is ignored silently.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .config import CONFIG_NAME, PeftConfig, read_config_dict
+from .formats.peft import read_adapter_weights
+from .methods import config_from_dict
+
+# hf_hub_download's options: meaningful for a Hub id, without effect on a local folder.
+HUB_ONLY_KWARGS = frozenset({
+    "cache_dir", "token", "use_auth_token", "local_files_only", "force_download", "proxies", "resume_download",
+    "etag_timeout", "local_dir", "library_name", "library_version", "user_agent", "headers", "endpoint",
+    "repo_type",
+})
+
+
+@dataclass
+class AdapterFiles:
+    """An adapter read from disk and checked, plus how to place it."""
+
+    config: PeftConfig
+    weights: dict[str, torch.Tensor]
+    source: str
+    device: torch.device | None = None
+    ignore_mismatched_sizes: bool = False
+
+
+def check_adapter_name(adapter_name: str) -> None:
+    """An adapter name becomes a module key and a sub-folder name: keep it to one plain path component."""
+    if not isinstance(adapter_name, str) or not adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}.")
+    if adapter_name == "__base__" or "." in adapter_name or "/" in adapter_name or "\\" in adapter_name \
+            or os.path.isabs(adapter_name):
+        raise ValueError(f"{adapter_name!r} cannot name an adapter: it must not be '__base__' nor contain "
+                         "'.', '/' or '\\' (it becomes a module key and a folder name).")
+
+
+def read_adapter(
+    model_id: str | os.PathLike,
+    config: PeftConfig | None,
+    is_trainable: bool,
+    *,
+    torch_device: str | torch.device | None = None,
+    ephemeral_gpu_offload: bool = False,
+    key_mapping: dict[str, str] | None = None,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    ignore_mismatched_sizes: bool = False,
+    **kwargs: Any,
+) -> AdapterFiles:
+    """Read and check an adapter folder's config and weights without touching any model.
+
+    Args:
+        subfolder: the adapter lies in this sub-folder of ``model_id``.
+        revision: only None (or "main") is possible: a local folder has no revisions.
+        torch_device: the adapter's tensors are placed there.
+        key_mapping: {regex: replacement} applied to every tensor name in the file (PEFT's argument for
+            checkpoints whose module names changed).
+        ignore_mismatched_sizes: tensors whose shape does not fit are skipped with a warning instead of
+            refused.
+        kwargs: Hub download options (``token``, ``cache_dir``, ...): no effect on a local folder (warned).
+
+    Raises:
+        TypeError: a keyword argument PEFT does not take either.
+        ValueError / FileNotFoundError: an option deltatune cannot honour, or a bad folder.
+    """
+    unknown = sorted(set(kwargs) - HUB_ONLY_KWARGS)
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments {unknown} for loading an adapter.")
+    if ephemeral_gpu_offload:
+        raise ValueError("ephemeral_gpu_offload=True is not supported yet by deltatune; load the adapter "
+                         "onto the device the model is on (torch_device=...).")
+    if revision not in (None, "main"):
+        raise ValueError(f"revision={revision!r} needs the Hugging Face Hub; deltatune loads adapters from local "
+                         "folders only (download the revision first, e.g. with huggingface_hub.snapshot_download).")
+    directory = os.path.join(os.fspath(model_id), subfolder) if subfolder else os.fspath(model_id)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"Adapter folder {directory!r} does not exist. deltatune loads adapters from local folders (no Hub "
+            f"download); pass the folder that save_pretrained wrote (it holds {CONFIG_NAME})."
+        )
+    given = [k for k in kwargs if kwargs[k] not in (None, False)]
+    if given:
+        warnings.warn(f"{given} only apply to downloads from the Hub and have no effect on the local folder "
+                      f"{directory!r}.", stacklevel=3)
+    if config is None:
+        config = config_from_dict(read_config_dict(directory), source=os.path.join(directory, CONFIG_NAME))
+    config.inference_mode = not is_trainable
+    weights = read_adapter_weights(directory)
+    if key_mapping:
+        weights = {_mapped(key, key_mapping): value for key, value in weights.items()}
+    device = torch.device(torch_device) if torch_device is not None else None
+    return AdapterFiles(config, weights, directory, device, ignore_mismatched_sizes)
+
+
+def _mapped(key: str, key_mapping: dict[str, str]) -> str:
+    """PEFT's rule: the patterns see the key without its ``base_model.model.`` prefix; the first that matches wins."""
+    prefix = "base_model.model." if key.startswith("base_model.model.") else \
+        "base_model." if key.startswith("base_model.") else ""
+    rest = key.removeprefix(prefix)
+    for pattern, replacement in key_mapping.items():
+        rest, count = re.subn(pattern, replacement, rest)
+        if count:
+            break
+    return prefix + rest
