@@ -59,6 +59,7 @@ class _AutoPeftModel:
         is_trainable: bool = False,
         config: PeftConfig | None = None,
         revision: str | None = None,
+        import_allowlist: list[str] | None = None,
         **kwargs: Any,
     ) -> PeftModel:
         """Load the adapter folder's base model, then the adapter on it.
@@ -66,6 +67,9 @@ class _AutoPeftModel:
         Args:
             pretrained_model_name_or_path: the adapter folder (local; no Hub download).
             revision: the base model's revision, passed to transformers.
+            import_allowlist: PEFT's limit on the modules a custom base class may be imported from;
+                deltatune imports no class named in a file (it uses the transformers Auto class), so
+                every allowlist is kept.
             kwargs: passed to the transformers ``from_pretrained`` of the base model (``dtype``,
                 ``device_map``, ``quantization_config``, ...).
         """

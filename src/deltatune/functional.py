@@ -74,7 +74,7 @@ def values_from_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor],
     out = {}
     for key, tensor in tensors.items():
         model_name = name_of.get(id(tensor))
-        out[key] = state_dict[model_name] if model_name in state_dict else tensor
+        out[key] = state_dict.get(model_name, tensor)
     return out
 
 

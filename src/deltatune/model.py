@@ -494,9 +494,18 @@ class PeftModel(nn.Module):
             self._undo_add(adapter_name)
             raise
         if adapter.device is not None:
-            for tensor in adapter_tensors(self, adapter.config, adapter_name).values():
-                tensor.data = tensor.data.to(adapter.device)
+            self._move_adapter(adapter_name, adapter.device)
         self._warn_load_result(adapter.source, *result)
+
+    def _move_adapter(self, adapter_name: str, device: torch.device) -> None:
+        """Put one adapter's tensors on ``device`` (``torch_device=``), replacing the parameter objects so that a
+        change of device type (e.g. to "meta") works too."""
+        moving = {id(t) for t in adapter_tensors(self, self.peft_config[adapter_name], adapter_name).values()}
+        for module in self.modules():
+            for name, param in list(module._parameters.items()):
+                if param is not None and id(param) in moving:
+                    module._parameters[name] = nn.Parameter(param.detach().to(device),
+                                                            requires_grad=param.requires_grad)
 
     @staticmethod
     def _warn_load_result(source: str, missing: list[str], unexpected: list[str]) -> None:

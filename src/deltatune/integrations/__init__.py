@@ -145,7 +145,7 @@ def _accepting_deltatune_config(original: Any) -> Any:
     signature = inspect.signature(original)
 
     @functools.wraps(original)
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+    def init_taking_deltatune_config(self: Any, *args: Any, **kwargs: Any) -> None:
         from ..config import PeftConfig
         from ..tasks import get_peft_model
 
@@ -167,8 +167,8 @@ def _accepting_deltatune_config(original: Any) -> Any:
             bound.arguments["peft_config"] = None
         original(*bound.args, **bound.kwargs)
 
-    setattr(__init__, _PATCHED, original)
-    return __init__
+    setattr(init_taking_deltatune_config, _PATCHED, original)
+    return init_taking_deltatune_config
 
 
 def _load_as_trl_would(model_id: str, train_args: Any, quantization_config: Any) -> Any:
