@@ -15,16 +15,9 @@ from typing import Any
 
 import torch
 
-from .config import CONFIG_NAME, PeftConfig, read_config_dict
+from .config import CONFIG_NAME, HUB_DOWNLOAD_KWARGS, PeftConfig, read_config_dict
 from .formats.peft import read_adapter_weights
 from .methods import config_from_dict
-
-# hf_hub_download's options: meaningful for a Hub id, without effect on a local folder.
-HUB_ONLY_KWARGS = frozenset({
-    "cache_dir", "token", "use_auth_token", "local_files_only", "force_download", "proxies", "resume_download",
-    "etag_timeout", "local_dir", "library_name", "library_version", "user_agent", "headers", "endpoint",
-    "repo_type",
-})
 
 
 @dataclass
@@ -77,7 +70,7 @@ def read_adapter(
         TypeError: a keyword argument PEFT does not take either.
         ValueError / FileNotFoundError: an option deltatune cannot honour, or a bad folder.
     """
-    unknown = sorted(set(kwargs) - HUB_ONLY_KWARGS)
+    unknown = sorted(set(kwargs) - HUB_DOWNLOAD_KWARGS)
     if unknown:
         raise TypeError(f"unexpected keyword arguments {unknown} for loading an adapter.")
     if ephemeral_gpu_offload:

@@ -248,13 +248,19 @@ class PeftModel(nn.Module):
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold the active (or named) adapters into the base weights; ``unmerge_adapter`` undoes it."""
         names = adapter_names or self._active
-        if safe_merge:  # check every layer before writing into any
-            self._check_mergeable(names)
+        self._check_mergeable(names, values=safe_merge)  # every layer before writing into any
         for _, layer in adapter_layers(self):
             layer.merge([n for n in names if n in layer.adapter_names()], safe_merge=safe_merge)
 
-    def _check_mergeable(self, names: list[str]) -> None:
+    def _check_mergeable(self, names: list[str], values: bool) -> None:
+        """Raise before anything is merged: a layer that cannot take the update at all, or (``values``, i.e.
+        safe_merge) one whose merged weight would hold NaN/Inf."""
         for path, layer in adapter_layers(self):
+            check = getattr(layer, "check_mergeable", None)
+            if check is not None and any(n in layer.adapter_names() for n in names):
+                check()
+            if not values:
+                continue
             delta_weight = getattr(layer, "delta_weight", None)
             for name in names:
                 if delta_weight is None or name not in layer.adapter_names() or name in layer.merged_adapters:
@@ -272,11 +278,11 @@ class PeftModel(nn.Module):
     ) -> nn.Module:
         """Merge the active adapters and return the plain base model, with no adapter layers left."""
         names = adapter_names or self._active
-        if safe_merge:
-            self._check_mergeable(names)
+        self._check_mergeable(names, values=safe_merge)
         model = self.get_base_model()
         for path, layer in list(adapter_layers(model)):
-            layer.active_adapters = [n for n in names if n in layer.adapter_names()]
+            if not hasattr(layer, "original_module"):  # PEFT keeps the active adapter's modules_to_save copy
+                layer.active_adapters = [n for n in names if n in layer.adapter_names()]
             replace_module(model, path, layer.unwrapped(merge=True))
         return model
 

@@ -61,9 +61,13 @@ class ModulesToSaveWrapper(nn.Module):
         return dict(self.modules_to_save[adapter_name].state_dict(keep_vars=True))
 
     def unwrapped(self, merge: bool) -> nn.Module:
-        if merge and self._active_copy() is not None:
-            return self._active_copy()
-        return self.original_module
+        """The active adapter's trained copy, merged or not (as PEFT's unload and merge_and_unload keep it).
+
+        The copy is what the adapter trained, so dropping it on ``unload()`` would silently lose that
+        training. The original comes back only when no active adapter has a copy of this module.
+        """
+        active = self._active_copy()
+        return active if active is not None else self.original_module
 
     def _active_copy(self) -> nn.Module | None:
         for name in self.active_adapters:

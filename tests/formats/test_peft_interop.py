@@ -149,3 +149,34 @@ def test_gradients_match_peft(kind, tmp_path):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
     for name, grad in grads[0].items():
         assert torch.allclose(grad, grads[1][name], atol=1e-6, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("merge", [False, True], ids=["unload", "merge_and_unload"])
+def test_unload_keeps_the_trained_modules_to_save_copy_as_peft_does(merge, tmp_path):
+    """PEFT's unload() and merge_and_unload() both keep the active adapter's trained classifier, not the original."""
+    base = make_model("bert")
+    inputs = model_inputs("bert")
+    ours = dt.get_peft_model(copy.deepcopy(base), dt.LoraConfig(r=4, lora_alpha=8, task_type="SEQ_CLS")).eval()
+    perturb(ours)
+    ours.save_pretrained(tmp_path)
+    theirs = _quiet(peft.PeftModel.from_pretrained, copy.deepcopy(base), tmp_path).eval()
+    trained_head = ours.base_model.model.classifier.modules_to_save["default"].weight.detach().clone()
+    assert not torch.equal(trained_head, base.classifier.weight)
+
+    ours_plain = ours.merge_and_unload() if merge else ours.unload()
+    theirs_plain = theirs.merge_and_unload() if merge else theirs.unload()
+    assert torch.equal(ours_plain.classifier.weight, trained_head)
+    ours_state, theirs_state = ours_plain.state_dict(), theirs_plain.state_dict()
+    assert sorted(ours_state) == sorted(theirs_state)
+    for key, value in theirs_state.items():
+        assert torch.allclose(ours_state[key], value, atol=1e-6), key
+    assert torch.allclose(logits(ours_plain, inputs), logits(theirs_plain, inputs), atol=1e-5)
+
+
+def test_unload_of_a_module_the_active_adapter_does_not_save_gives_the_original():
+    base = make_model("llama")
+    model = dt.get_peft_model(copy.deepcopy(base), dt.LoraConfig(r=2, target_modules=["q_proj"]))
+    model.add_adapter("other", dt.LoraConfig(r=2, target_modules=["v_proj"], modules_to_save=["lm_head"]))
+    perturb(model)
+    original_head = model.base_model.model.lm_head.original_module
+    assert model.unload().lm_head is original_head  # "default" is active and has no copy of lm_head

@@ -206,7 +206,7 @@ def test_fused_training_path_gives_module_by_module_grads(kind, dropout, input_g
     grad = torch.randn(2, 5, 24)
     torch.manual_seed(7)
     out = layer(x)
-    assert type(out.grad_fn).__name__ == "_FusedLoraLinearBackward"  # the path under test was taken
+    assert type(out.grad_fn).__name__ == "FusedLoraLinearBackward"  # the path under test was taken
     out.backward(grad)
     expected = _reference_grads(layer, x, grad, seed=7)
     got = [out.detach(), x.grad, layer.lora_A["a"].weight.grad, layer.lora_B["a"].weight.grad]
@@ -219,7 +219,7 @@ def test_fused_training_path_gives_module_by_module_grads(kind, dropout, input_g
 
 @pytest.mark.parametrize("separate_lora_input", [False, True])
 def test_fused_backward_passes_gradcheck(separate_lora_input):
-    from deltatune.methods.lora import _FusedLoraLinear
+    from deltatune.methods.lora_fused import FusedLoraLinear
 
     base = nn.Linear(6, 5, dtype=torch.float64).requires_grad_(False)
     x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
@@ -227,7 +227,7 @@ def test_fused_backward_passes_gradcheck(separate_lora_input):
     a = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
     b = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
     inputs = (x, x_lora, a, b, base, 1.5, torch.float64)
-    assert torch.autograd.gradcheck(lambda *t: _FusedLoraLinear.apply(*t), inputs)
+    assert torch.autograd.gradcheck(lambda *t: FusedLoraLinear.apply(*t), inputs)
 
 
 def test_fused_path_steps_aside_when_it_cannot_be_exact():
@@ -235,9 +235,9 @@ def test_fused_path_steps_aside_when_it_cannot_be_exact():
     layer = _layer(_fusable_base("linear"))
     layer.add_adapter("b", r=2, lora_alpha=2, init_lora_weights=False)
     x = torch.randn(3, 70)
-    assert type(layer(x).grad_fn).__name__ == "_FusedLoraLinearBackward"
+    assert type(layer(x).grad_fn).__name__ == "FusedLoraLinearBackward"
     layer.active_adapters = ["a", "b"]
-    assert type(layer(x).grad_fn).__name__ != "_FusedLoraLinearBackward"
+    assert type(layer(x).grad_fn).__name__ != "FusedLoraLinearBackward"
     layer.active_adapters = ["a"]
     layer.base_layer.weight.requires_grad_(True)
     layer(x).sum().backward()
@@ -245,7 +245,7 @@ def test_fused_path_steps_aside_when_it_cannot_be_exact():
     layer.base_layer.weight.requires_grad_(False)
     handle = layer.base_layer.register_forward_hook(lambda module, args, out: out * 2)
     hooked = layer(x)
-    assert type(hooked.grad_fn).__name__ != "_FusedLoraLinearBackward"
+    assert type(hooked.grad_fn).__name__ != "FusedLoraLinearBackward"
     handle.remove()
     assert torch.allclose(hooked, layer(x) + layer.base_layer(x))  # the hook ran: base counted twice
     with torch.no_grad():
@@ -284,10 +284,129 @@ def test_fused_path_under_autocast_matches_module_by_module(kind, dropout):
         torch.manual_seed(7)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = layer(x)
-        assert (type(out.grad_fn).__name__ == "_FusedLoraLinearBackward") == fused
+        assert (type(out.grad_fn).__name__ == "FusedLoraLinearBackward") == fused
         out.float().square().sum().backward()
         results[fused] = [out, x.grad, layer.lora_A["a"].weight.grad, layer.lora_B["a"].weight.grad]
     for name, got, expected in zip(["output", "x", "A", "B"], results[True], results[False], strict=True):
         assert got.dtype == expected.dtype, name
         scale = expected.float().abs().max()
         assert (got.float() - expected.float()).abs().max() <= 0.02 * scale, name
+
+
+# ---- grouped convolutions (PEFT's shapes: A ungrouped into r channels, B a 1x1 convolution with the base's groups) --
+
+
+class _GroupedConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 12, 3, padding=1, groups=4)
+        self.depthwise = nn.Conv1d(6, 6, 3, padding=1, groups=6)
+
+    def forward(self, image: torch.Tensor, sequence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.conv(image), self.depthwise(sequence)
+
+
+_GROUPED_INPUTS = (torch.randn(2, 8, 5, 5, generator=torch.Generator().manual_seed(1)),
+                   torch.randn(2, 6, 9, generator=torch.Generator().manual_seed(2)))
+_GROUPED_CONFIG = {"r": 4, "lora_alpha": 8, "target_modules": ["conv", "depthwise"], "rank_pattern": {"depthwise": 6},
+                   "init_lora_weights": False}
+
+
+def _grouped_outputs(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([out.flatten() for out in model(*_GROUPED_INPUTS)])
+
+
+@pytest.mark.parametrize("writer", ["deltatune", "peft"])
+def test_grouped_conv_adapter_moves_between_libraries_with_same_output(writer, tmp_path):
+    import copy
+    import warnings
+
+    import peft
+
+    torch.manual_seed(0)
+    base = _GroupedConvNet()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT warns that grouped convs cannot merge
+        ours = dt.get_peft_model(copy.deepcopy(base), dt.LoraConfig(**_GROUPED_CONFIG))
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**_GROUPED_CONFIG))
+        shapes = {k.replace(".default", ""): v.shape for k, v in theirs.state_dict().items() if "lora_" in k}
+        assert {k.replace(".default", ""): v.shape for k, v in ours.state_dict().items() if "lora_" in k} == shapes
+        assert shapes["base_model.model.conv.lora_B.weight"] == (12, 1, 1, 1)  # r / groups = 1 channel per group
+        source, reader = (ours, peft.PeftModel) if writer == "deltatune" else (theirs, dt.PeftModel)
+        source.save_pretrained(tmp_path)
+        loaded = reader.from_pretrained(copy.deepcopy(base), tmp_path)
+    expected = _grouped_outputs(source)
+    assert (expected - _grouped_outputs(base)).abs().max() > 1e-2  # the adapters change the output
+    assert torch.allclose(_grouped_outputs(loaded), expected, atol=1e-5)
+
+
+def test_grouped_conv_forward_is_base_plus_scaled_grouped_b_of_a():
+    conv = nn.Conv2d(8, 12, 3, padding=1, groups=4)
+    layer = _layer(conv, r=8, alpha=4)
+    x = _GROUPED_INPUTS[0]
+    a, b = layer.lora_A["a"].weight, layer.lora_B["a"].weight
+    expected = conv(x) + 0.5 * F.conv2d(F.conv2d(x, a, padding=1), b, groups=4)
+    assert b.shape == (12, 2, 1, 1)
+    assert torch.allclose(layer(x), expected, atol=1e-5)
+
+
+def test_grouped_conv_rank_must_be_a_multiple_of_groups_and_nothing_changes():
+    model = _GroupedConvNet()
+    with pytest.raises(ValueError, match="groups=4 needs a LoRA rank divisible by 4, got r=6"):
+        dt.get_peft_model(model, dt.LoraConfig(r=6, target_modules=["depthwise", "conv"]))
+    assert type(model.conv) is nn.Conv2d and type(model.depthwise) is nn.Conv1d
+    with pytest.raises(ValueError, match="divisible by 4"):
+        _layer(nn.Conv2d(8, 12, 3, groups=4), r=2)
+
+
+def test_grouped_conv_merge_is_refused_before_anything_changes():
+    """B A reaches every input channel through A, so no grouped weight can hold it (PEFT refuses too)."""
+    model = dt.get_peft_model(_GroupedConvNet(), dt.LoraConfig(**_GROUPED_CONFIG))
+    conv = model.base_model.model.conv
+    before = conv.base_layer.weight.detach().clone()
+    unmerged = _grouped_outputs(model)
+    with pytest.raises(ValueError, match="Cannot merge LoRA into a Conv2d with groups=4"):
+        model.merge_adapter()
+    with pytest.raises(ValueError, match="groups=4"):
+        model.merge_and_unload(safe_merge=True)
+    assert torch.equal(conv.base_layer.weight, before) and not conv.merged_adapters
+    assert torch.equal(_grouped_outputs(model), unmerged)
+    plain = model.unload()
+    assert type(plain.conv) is nn.Conv2d and torch.equal(plain.conv.weight, before)
+
+
+# ---- orthogonal init ----------------------------------------------------------------------------------------------
+
+
+def test_orthogonal_init_matches_peft_and_starts_as_a_no_op():
+    import copy
+
+    import peft
+
+    from tests.conftest import logits, make_model, model_inputs
+
+    base = make_model("llama")
+    inputs = model_inputs("llama")
+    kwargs = {"r": 4, "target_modules": ["q_proj"], "init_lora_weights": "orthogonal"}
+    torch.manual_seed(5)
+    ours = dt.get_peft_model(copy.deepcopy(base), dt.LoraConfig(**kwargs))
+    torch.manual_seed(5)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kwargs))
+    layer = ours.base_model.model.model.layers[0].self_attn.q_proj
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    assert a.abs().min() > 0 and b.abs().min() > 0
+    assert (b @ a).abs().max() < 1e-6
+    assert torch.allclose(logits(ours, inputs), logits(base, inputs), atol=1e-5)
+    for name, tensor in theirs.state_dict().items():
+        if "lora_" in name:
+            assert torch.equal(ours.state_dict()[name], tensor), name  # same seed, same draws as PEFT
+
+
+def test_orthogonal_init_needs_even_rank_and_a_linear_layer():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Conv1d(4, 4, 1))
+    with pytest.raises(ValueError, match="even rank, got r=3"):
+        dt.get_peft_model(model, dt.LoraConfig(r=3, target_modules=["0"], init_lora_weights="orthogonal"))
+    with pytest.raises(ValueError, match="linear layers only"):
+        dt.get_peft_model(model, dt.LoraConfig(r=2, target_modules=["1"], init_lora_weights="orthogonal"))
+    assert type(model[0]) is nn.Linear and type(model[1]) is nn.Conv1d

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from torch import nn
 
 from ..adapter_layer import BASE_ADAPTER, check_batch_size, inside_adapter_layer, replace_module, rows_by_adapter
 from ..config import PeftConfig
+from ..quant.bnb import bnb_add_to_weight, bnb_dequantized_weight, bnb_weight_kind
 from ..targets import (
     default_target_modules,
     find_targets,
@@ -26,14 +28,57 @@ from ..targets import (
     is_quantized,
     resolve_pattern,
 )
+from .lora_fused import FusedLoraLinear, runs_plain
 
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_MODES = (True, False, "gaussian")
+INIT_MODES = (True, False, "gaussian", "orthogonal")
+# PEFT's other init_lora_weights values: each needs data, an SVD of the base weight that changes it, or a
+# quantization pass, none of which deltatune has yet ("pissa_niter_<n>" is PiSSA too).
+PEFT_ONLY_INIT_MODES = ("pissa", "olora", "loftq", "eva", "corda", "lora_ga", "mica")
+# ... of which these only choose A and B's starting values, which a loaded file replaces, so an adapter
+# file written with them loads as a plain LoRA adapter (as PEFT's own loader treats it).
+_INIT_MODES_PLAIN_ONCE_TRAINED = ("eva",)
+
+# PEFT LoraConfig fields for features deltatune does not have yet: field -> (what it is, the values that
+# leave it off; the first is PEFT's default). Any other value is refused, here and in a file PEFT wrote,
+# since running the adapter without the feature would give other outputs than PEFT.
+UNSUPPORTED_FIELDS: dict[str, tuple[str, tuple[Any, ...]]] = {
+    "use_dora": ("DoRA, weight-decomposed LoRA", (False, None)),
+    "lora_bias": ("a trained bias in lora_B", (False, None)),
+    "layer_replication": ("layer replication", (None, [])),
+    "target_parameters": ("LoRA on nn.Parameters", (None, [])),
+    "trainable_token_indices": ("trainable tokens", (None, [], {})),
+    "use_qalora": ("QALoRA", (False, None)),
+    "alora_invocation_tokens": ("activated LoRA (aLoRA)", (None,)),
+    "arrow_config": ("Arrow routing", (None,)),
+    "use_bdlora": ("block-diagonal LoRA", (None, False)),
+    "megatron_config": ("Megatron parallel layers", (None, {})),
+    "velora_config": ("VeLoRA", (None,)),
+    "monteclora_config": ("MonteCLoRA", (None,)),
+    "kasa_config": ("KaSA", (None,)),
+    "ensure_weight_tying": ("tying adapters of tied weights", (False,)),
+}
+# PEFT fields that only matter for an init mode or feature above: any value is accepted (when its mode is
+# off PEFT ignores them too, with a warning where it warns) and written only when set.
+_INIT_CONFIG_FIELDS = {"loftq_config": "loftq", "eva_config": "eva", "corda_config": "corda",
+                       "lora_ga_config": "lora_ga"}
+_INERT_FIELDS = ("megatron_core", "qalora_group_size")
+
+
+@dataclass
+class LoraRuntimeConfig:
+    """PEFT's runtime-only LoRA settings (never written to adapter_config.json).
+
+    Attributes:
+        ephemeral_gpu_offload: PEFT's GPU offloading for models partly kept on the CPU (not supported yet).
+    """
+
+    ephemeral_gpu_offload: bool = False
 
 
 @dataclass
 class LoraConfig(PeftConfig):
-    """LoRA settings; field names and defaults are HF PEFT's.
+    """LoRA settings; field names and defaults are HF PEFT's, every PEFT field is accepted.
 
     Attributes:
         r: rank of the update B A.
@@ -46,11 +91,16 @@ class LoraConfig(PeftConfig):
         bias: "none", "all" (train every bias) or "lora_only" (biases of adapted layers).
         use_rslora: scale by alpha / sqrt(r).
         init_lora_weights: True (A Kaiming-uniform, B zero), "gaussian" (A ~ N(0, 1/r), B zero),
-            or False (both random: the adapter changes the output from the start; for tests).
+            "orthogonal" (A and B from orthogonal rows so that B A = 0; linear layers, even r), or False
+            (both random: the adapter changes the output from the start; for tests). PEFT's other modes
+            (``PEFT_ONLY_INIT_MODES``) are refused.
         layers_to_transform: only adapt blocks with these indices.
         layers_pattern: name of the block container ("layers", "h", ...) for layers_to_transform.
         rank_pattern: {name regex: r} overrides per module.
         alpha_pattern: {name regex: alpha} overrides per module.
+        runtime_config: runtime-only settings (``LoraRuntimeConfig``, PEFT's object or a dict).
+        The remaining fields are PEFT's (``UNSUPPORTED_FIELDS``, ``_INIT_CONFIG_FIELDS``, ``_INERT_FIELDS``):
+        accepted at their defaults, refused with a "not supported yet" error where they switch on a feature.
     """
 
     r: int = 8
@@ -66,6 +116,33 @@ class LoraConfig(PeftConfig):
     layers_pattern: list[str] | str | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    runtime_config: LoraRuntimeConfig = field(default_factory=LoraRuntimeConfig)
+    # PEFT's fields for features deltatune does not have yet (see UNSUPPORTED_FIELDS)
+    use_dora: bool = False
+    lora_bias: bool = False
+    layer_replication: list[tuple[int, int]] | None = None
+    target_parameters: list[str] | None = None
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    use_qalora: bool = False
+    alora_invocation_tokens: list[int] | None = None
+    arrow_config: Any = None
+    use_bdlora: Any = None
+    megatron_config: dict | None = None
+    velora_config: Any = None
+    monteclora_config: Any = None
+    kasa_config: Any = None
+    ensure_weight_tying: bool = False
+    # PEFT's settings of those features and of its other init modes
+    loftq_config: Any = field(default_factory=dict)
+    eva_config: Any = None
+    corda_config: Any = None
+    lora_ga_config: Any = None
+    megatron_core: str | None = "megatron.core"
+    qalora_group_size: int = 16
+
+    _written_only_when_set: ClassVar[frozenset[str]] = PeftConfig._written_only_when_set | frozenset(
+        {*UNSUPPORTED_FIELDS, *_INIT_CONFIG_FIELDS, *_INERT_FIELDS})
+    _never_written: ClassVar[frozenset[str]] = frozenset({"runtime_config"})
 
     def __post_init__(self) -> None:
         self.peft_type = "LORA"
@@ -83,17 +160,79 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}.")
-        if self.init_lora_weights not in INIT_MODES:
+        _check_init_mode(self.init_lora_weights)
+        if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
             raise ValueError(
-                f"init_lora_weights={self.init_lora_weights!r} is not supported; use True, False or 'gaussian'."
-            )
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError(
-                "layers_to_transform needs target_modules as a list of names (a regex can select layers itself); "
-                "PEFT refuses this combination too, so such an adapter could not be shared."
+                "layers_to_transform and layers_pattern need target_modules as a list of names (a regex can select "
+                "layers itself); PEFT refuses this combination too, so such an adapter could not be shared."
             )
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern only has a meaning together with layers_to_transform.")
+        self.runtime_config = _runtime_config(self.runtime_config)
+        _check_unsupported_fields(self)
+        self._drop_unused_init_configs()
+
+    def _drop_unused_init_configs(self) -> None:
+        """A settings object for an init mode that is not chosen is ignored, with PEFT's warning."""
+        for name, mode in _INIT_CONFIG_FIELDS.items():
+            value = getattr(self, name)
+            if value not in (None, {}) and self.init_lora_weights != mode:
+                warnings.warn(f"{name} is set but ignored, since init_lora_weights is not {mode!r}.", stacklevel=4)
+                setattr(self, name, {} if name == "loftq_config" else None)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> LoraConfig:
+        """As ``PeftConfig.from_dict``; an init mode that only chose the starting A and B loads as plain LoRA, and
+        a ``runtime_config`` key is dropped with a warning (runtime settings never come from a file; PEFT's rule)."""
+        if "runtime_config" in data:
+            warnings.warn(f"{source}: ignoring runtime_config; runtime settings are not read from files.",
+                          stacklevel=2)
+            data = {key: value for key, value in data.items() if key != "runtime_config"}
+        mode = data.get("init_lora_weights")
+        if isinstance(mode, str) and mode in _INIT_MODES_PLAIN_ONCE_TRAINED:
+            data = {key: value for key, value in data.items() if key != f"{mode}_config"}
+            data["init_lora_weights"] = True
+        return super().from_dict(data, source=source)
+
+
+def _check_init_mode(mode: Any) -> None:
+    """True/False/'gaussian'/'orthogonal' work; PEFT's other modes get a clear 'not supported yet'."""
+    if isinstance(mode, str) and (mode in PEFT_ONLY_INIT_MODES or mode.startswith("pissa_niter_")):
+        raise ValueError(
+            f"init_lora_weights={mode!r} is not supported yet by deltatune; use one of {INIT_MODES}. (A PiSSA, "
+            "OLoRA or CorDA adapter loads once PEFT saved it as plain LoRA, with save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...).)"
+        )
+    if mode not in INIT_MODES or (mode in (0, 1) and not isinstance(mode, bool)):
+        raise ValueError(
+            f"init_lora_weights={mode!r} is not a valid value; use one of {INIT_MODES} (PEFT also knows "
+            f"{PEFT_ONLY_INIT_MODES}, which deltatune does not support yet)."
+        )
+
+
+def _runtime_config(value: Any) -> LoraRuntimeConfig:
+    """PEFT's LoraRuntimeConfig, a dict or None, as ours; ephemeral GPU offload is refused."""
+    if value is None:
+        value = LoraRuntimeConfig()
+    elif isinstance(value, dict):
+        value = LoraRuntimeConfig(**value)
+    elif not isinstance(value, LoraRuntimeConfig):
+        value = LoraRuntimeConfig(ephemeral_gpu_offload=bool(getattr(value, "ephemeral_gpu_offload", False)))
+    if value.ephemeral_gpu_offload:
+        raise ValueError(f"runtime_config={value!r} (ephemeral GPU offload) is not supported yet by deltatune; "
+                         "leave ephemeral_gpu_offload at False and put the model on the device it runs on.")
+    return value
+
+
+def _check_unsupported_fields(config: LoraConfig) -> None:
+    """Refuse each PEFT feature that is switched on, naming the field, its value and what to do."""
+    for name, (what, off) in UNSUPPORTED_FIELDS.items():
+        value = getattr(config, name)
+        if not any(value is v or (type(value) is type(v) and value == v) for v in off):
+            raise ValueError(
+                f"{name}={value!r} ({what}) is not supported yet by deltatune; leave {name} at {off[0]!r}. "
+                "An adapter trained with it gives other outputs without it, so it cannot be loaded either."
+            )
 
 
 def _kind(base: nn.Module) -> str:
@@ -103,13 +242,33 @@ def _kind(base: nn.Module) -> str:
     if isinstance(base, nn.Embedding):
         return "embedding"
     if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        if base.groups != 1:
-            raise ValueError(f"LoRA on a grouped convolution (groups={base.groups}) is not supported.")
         return "conv"
     raise ValueError(
         f"LoRA cannot wrap a {type(base).__name__}; supported layers are nn.Linear, nn.Embedding, "
         "nn.Conv1d/2d/3d and transformers' Conv1D. Choose target_modules that name such layers."
     )
+
+
+def _check_adapter_fits(base: nn.Module, r: int, init_lora_weights: bool | str, where: str) -> None:
+    """Refuse, before anything changes, an adapter this layer cannot hold (PEFT refuses the same ones).
+
+    A grouped convolution's B is grouped too (each group of outputs reads r / groups of A's channels), so r
+    must be a multiple of ``groups``. Orthogonal init pairs rows of one r x r orthogonal matrix: linear
+    layers only, even r.
+    """
+    kind = _kind(base)
+    groups = getattr(base, "groups", 1) if kind == "conv" else 1
+    if r % groups:
+        raise ValueError(
+            f"{where}: a {type(base).__name__} with groups={groups} needs a LoRA rank divisible by {groups}, "
+            f"got r={r}. Choose such a rank (rank_pattern can set it for this layer) or do not target it."
+        )
+    if init_lora_weights == "orthogonal" and kind != "embedding":
+        if kind != "linear":
+            raise ValueError(f"{where}: init_lora_weights='orthogonal' works on linear layers only, not on a "
+                             f"{type(base).__name__}; use True or 'gaussian'.")
+        if r % 2:
+            raise ValueError(f"{where}: init_lora_weights='orthogonal' needs an even rank, got r={r}.")
 
 
 def _features(base: nn.Module, kind: str) -> tuple[int, int]:
@@ -131,83 +290,6 @@ def _adapter_dtype(base: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def _frozen_weight_and_state(base: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """For a forward: the (out, in) weight of a frozen nn.Linear in ``dtype``, or a quantized layer's weight rebuilt,
-    with what the backward's :func:`_frozen_weight` may reuse (a quantized layer's block scales)."""
-    if isinstance(base, nn.Linear):
-        return base.weight.to(dtype), None
-    return base.transient_weight_and_state(dtype)
-
-
-def _frozen_weight(base: nn.Module, dtype: torch.dtype, state: torch.Tensor | None) -> torch.Tensor:
-    """For a backward: the same weight again (a quantized layer's copy is safe to keep under create_graph)."""
-    if isinstance(base, nn.Linear):
-        return base.weight.to(dtype)
-    return base.transient_weight(dtype, state)
-
-
-def _runs_plain(module: nn.Module) -> bool:
-    """No hook and no replaced ``forward`` on ``module`` (nor global module hooks): calling around it changes nothing.
-
-    accelerate's offloading, for one, swaps a module's ``forward`` to bring its weights in; the fused path must
-    then not read the weights behind its back.
-    """
-    return not (module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__
-                or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
-
-
-class _FusedLoraLinear(torch.autograd.Function):
-    """``base(x) + scaling * B A dropout(x)`` as one autograd node, for a frozen nn.Linear or quantized base.
-
-    Why: as separate modules, a training step pays per layer for four graph nodes, a copy of the base output to add
-    the update to, and a second gradient for x (base and LoRA parts) that autograd then adds together. Here the
-    update is added inside the GEMM (``addmm_``) in both directions, and a quantized base rebuilds its weight in
-    backward from block scales kept from forward. On the step benchmarks (SmolLM2-135M shape, all linear layers,
-    CPU) this took QLoRA from 1.003 to 0.968 of PEFT + bitsandbytes' time and LoRA from 0.991 to 0.95 of PEFT's.
-
-    ``x_lora`` is ``dropout(x)`` when dropout is on, else None (then x feeds both paths and gets one summed
-    gradient); dropout stays outside so autograd takes its mask into account. ``dtype`` is what every product runs
-    in: the input's, or autocast's (bf16), which then casts the input, weights and adapter the way autocast would.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, x_lora: torch.Tensor | None, lora_a: torch.Tensor,  # noqa: ANN001
-                lora_b: torch.Tensor, base: nn.Module, scaling: float, dtype: torch.dtype) -> torch.Tensor:
-        weight, state = _frozen_weight_and_state(base, dtype)
-        flat_x = x.reshape(-1, x.shape[-1]).to(dtype)
-        lora_in = flat_x if x_lora is None else x_lora.reshape(-1, x_lora.shape[-1]).to(dtype)
-        lora_a, lora_b = lora_a.to(dtype), lora_b.to(dtype)
-        bias = None if base.bias is None else base.bias.to(dtype)
-        out = F.linear(flat_x, weight, bias)
-        # A x^T as (r, tokens): with r this small, MKL is 1.5-3x faster in this layout than x A^T (and for B's
-        # gradient below), measured on the SmolLM2 shapes
-        after_a_t = lora_a @ lora_in.t()
-        out.addmm_(after_a_t.t(), lora_b.t(), alpha=scaling)
-        ctx.save_for_backward(lora_in, lora_a, lora_b, after_a_t)
-        ctx.base, ctx.state, ctx.scaling, ctx.separate_lora_input = base, state, scaling, x_lora is not None
-        ctx.input_dtypes = (x.dtype, None if x_lora is None else x_lora.dtype)
-        return out.view(*x.shape[:-1], out.shape[-1])
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
-        lora_in, lora_a, lora_b, after_a_t = ctx.saved_tensors  # all in the products' dtype
-        needs_x, needs_x_lora, needs_a, needs_b = ctx.needs_input_grad[:4]
-        x_dtype, x_lora_dtype = ctx.input_dtypes
-        flat_grad = grad.reshape(-1, grad.shape[-1]).to(lora_in.dtype)
-        grad_after_a = (flat_grad @ lora_b).mul_(ctx.scaling)  # (tokens, r), already scaled
-        grad_a = grad_after_a.t() @ lora_in if needs_a else None
-        grad_b = (after_a_t @ flat_grad).mul_(ctx.scaling).t() if needs_b else None
-        grad_x = grad_x_lora = None
-        if needs_x:
-            grad_x = flat_grad @ _frozen_weight(ctx.base, lora_in.dtype, ctx.state)
-            if not ctx.separate_lora_input:
-                grad_x.addmm_(grad_after_a, lora_a)
-            grad_x = grad_x.view(*grad.shape[:-1], grad_x.shape[-1]).to(x_dtype)
-        if ctx.separate_lora_input and needs_x_lora:
-            grad_x_lora = (grad_after_a @ lora_a).view(*grad.shape[:-1], lora_a.shape[-1]).to(x_lora_dtype)
-        return grad_x, grad_x_lora, grad_a, grad_b, None, None, None
-
-
 class LoraLayer(nn.Module):
     """Wraps one Linear, Conv1D, ConvNd or Embedding and adds any number of named LoRA adapters."""
 
@@ -218,7 +300,7 @@ class LoraLayer(nn.Module):
         # whether the base layer's output is a fresh tensor its backward does not need (see _add_lora)
         conv1d = gpt2_conv1d_class()
         self._result_is_scratch = type(base_layer) is nn.Linear or (conv1d is not None and type(base_layer) is conv1d)
-        # whether training steps may take `_FusedLoraLinear` (see `_fused_call` for the per-call conditions)
+        # whether training steps may take `FusedLoraLinear` (see `_fused_call` for the per-call conditions)
         self._fusable = type(base_layer) is nn.Linear or callable(
             getattr(base_layer, "transient_weight_and_state", None))
         self.in_features, self.out_features = _features(base_layer, self.kind)
@@ -256,9 +338,14 @@ class LoraLayer(nn.Module):
         self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
         init_lora_weights: bool | str = True, use_rslora: bool = False,
     ) -> None:
-        """Create adapter ``name`` with rank ``r``; it is not activated here."""
+        """Create adapter ``name`` with rank ``r``; it is not activated here.
+
+        Tensor shapes are PEFT's, so files move both ways: for a convolution A is a convolution with the base's
+        kernel, stride and padding into r channels, and B a 1x1 convolution with the base's ``groups``.
+        """
         if name in self.r:
             raise ValueError(f"This layer already has an adapter named {name!r}.")
+        _check_adapter_fits(self.base_layer, r, init_lora_weights, type(self.base_layer).__name__)
         base_weight = self.base_layer.weight
         factory = {"device": base_weight.device, "dtype": _adapter_dtype(self.base_layer)}
         if self.kind == "embedding":
@@ -269,7 +356,7 @@ class LoraLayer(nn.Module):
             base = self.base_layer
             self.lora_A[name] = conv(self.in_features, r, base.kernel_size, base.stride, base.padding,
                                      base.dilation, bias=False, **factory)
-            self.lora_B[name] = conv(r, self.out_features, 1, 1, bias=False, **factory)
+            self.lora_B[name] = conv(r, self.out_features, 1, 1, groups=base.groups, bias=False, **factory)
         else:
             self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **factory)
             self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, **factory)
@@ -281,18 +368,30 @@ class LoraLayer(nn.Module):
 
     @torch.no_grad()
     def reset_lora_parameters(self, name: str, init_lora_weights: bool | str) -> None:
-        """B = 0 so the adapter starts as a no-op (embeddings swap roles: A = 0, B ~ N(0, 1))."""
+        """B = 0 so the adapter starts as a no-op (embeddings swap roles: A = 0, B ~ N(0, 1)).
+
+        "orthogonal" (linear layers): A's rows and B's columns come from the odd and even rows of one random
+        r x r orthogonal matrix, each times a Gaussian and / 10, so B A = 0 while neither is zero (PEFT's
+        ``orthogonal_init``, https://datta0.github.io/posts/rethink-lora-init/).
+        """
         if init_lora_weights is False:
             return
         if self.kind == "embedding":
             nn.init.zeros_(self.lora_embedding_A[name])
             nn.init.normal_(self.lora_embedding_B[name])
             return
+        lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
+        if init_lora_weights == "orthogonal":
+            rank = self.r[name]
+            q, _ = torch.linalg.qr(torch.randn(rank, rank))
+            lora_a.copy_((torch.randn(self.in_features, rank // 2) @ q[0::2]).T / 10.0)  # (r, in)
+            lora_b.copy_(torch.randn(rank // 2, self.out_features).T @ q[1::2] / 10.0)  # (out, r)
+            return
         if init_lora_weights == "gaussian":
-            nn.init.normal_(self.lora_A[name].weight, std=1 / self.r[name])
+            nn.init.normal_(lora_a, std=1 / self.r[name])
         else:
-            nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B[name].weight)
+            nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
+        nn.init.zeros_(lora_b)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.merged_adapters:
@@ -313,7 +412,12 @@ class LoraLayer(nn.Module):
         return {"lora_A.weight": self.lora_A[adapter_name].weight, "lora_B.weight": self.lora_B[adapter_name].weight}
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        """scaling * B A, shaped like the base weight."""
+        """scaling * B A, shaped like the base weight.
+
+        Raises:
+            ValueError: for a grouped convolution, whose update cannot be written as a weight of its shape.
+        """
+        self.check_mergeable()
         if self.kind == "embedding":
             delta = (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T  # (num_embeddings, dim)
         else:
@@ -323,45 +427,73 @@ class LoraLayer(nn.Module):
                 delta = delta.T
         return delta * self.scaling[name]
 
+    def check_mergeable(self) -> None:
+        """A grouped convolution's update cannot be merged (PEFT refuses too): raise saying why and what to do.
+
+        Its weight (out, in / groups, *kernel) lets each output channel see only its group's inputs, while B A
+        reaches every input through A, which is not grouped.
+        """
+        groups = getattr(self.base_layer, "groups", 1) if self.kind == "conv" else 1
+        if groups > 1:
+            raise ValueError(
+                f"Cannot merge LoRA into a {type(self.base_layer).__name__} with groups={groups}: the update mixes "
+                "all input channels, which a grouped weight cannot hold. Keep the adapter unmerged (it runs "
+                "beside the layer), or use unload() to drop it."
+            )
+
     def base_weight(self) -> torch.Tensor:
         """The base layer's weight as floats (dequantized when the base is quantized)."""
         if is_quantized(self.base_layer):
             return self.base_layer.dequantized_weight(torch.float32)
+        if bnb_weight_kind(self.base_layer):
+            return bnb_dequantized_weight(self.base_layer)
         return self.base_layer.weight.detach()
 
     @torch.no_grad()
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Fold adapters into the base weight: W0 <- W0 + scaling B A (no extra inference cost)."""
+        """Fold adapters into the base weight: W0 <- W0 + scaling B A (no extra inference cost).
+
+        A bitsandbytes 4-bit / 8-bit base is dequantized, added to and quantized again, as PEFT does: the
+        merged layer stays quantized, and its outputs differ from the unmerged ones by that rounding.
+        """
         if is_quantized(self.base_layer):
             raise ValueError(
                 "The base layer is quantized; adding the update to its 4/8-bit codes would round it away. "
                 "Use merge_and_unload(), which returns a dequantized layer with the update added."
             )
+        names = [n for n in (adapter_names if adapter_names is not None else self.active_adapters)
+                 if n in self.r and n not in self.merged_adapters]
+        if names:
+            self.check_mergeable()
         weight = self.base_layer.weight
-        for name in adapter_names if adapter_names is not None else self.active_adapters:
-            if name not in self.r or name in self.merged_adapters:
-                continue
-            delta = self.delta_weight(name).to(weight.dtype)
-            if safe_merge:
-                merged = weight.data + delta
+        for name in names:
+            if bnb_weight_kind(self.base_layer):
+                bnb_add_to_weight(self.base_layer, self.delta_weight(name).detach(), safe_merge, f"adapter {name!r}")
+            elif safe_merge:
+                merged = weight.data + self.delta_weight(name).to(weight.dtype)
                 if not torch.isfinite(merged).all():
                     raise ValueError(f"Merging adapter {name!r} would put NaN/Inf into the weight; nothing merged.")
                 weight.data.copy_(merged)
             else:
-                weight.data += delta
+                weight.data += self.delta_weight(name).to(weight.dtype)
             self.merged_adapters.append(name)
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract merged adapters again, newest first (exact up to float rounding)."""
-        weight = self.base_layer.weight
+        """Subtract merged adapters again, newest first (exact up to float rounding; a bitsandbytes base is
+        quantized again, so it comes back only to within that rounding)."""
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            weight.data -= self.delta_weight(name).to(weight.dtype)
+            if bnb_weight_kind(self.base_layer):
+                bnb_add_to_weight(self.base_layer, -self.delta_weight(name).detach())
+            else:
+                weight = self.base_layer.weight
+                weight.data -= self.delta_weight(name).to(weight.dtype)
 
     @torch.no_grad()
     def unwrapped(self, merge: bool) -> nn.Module:
-        """The module that replaces this layer on unload; merged, a quantized base becomes a float Linear."""
+        """The module that replaces this layer on unload; merged, a deltatune-quantized base becomes a float Linear
+        and a bitsandbytes base stays a bitsandbytes layer holding the merged weight (as in PEFT)."""
         if not merge:
             if self.merged_adapters:
                 self.unmerge()
@@ -398,7 +530,7 @@ class LoraLayer(nn.Module):
             name, dtype = fused
             dropout = self.lora_dropout[name]
             x_lora = None if isinstance(dropout, nn.Identity) else dropout(x)
-            return _FusedLoraLinear.apply(x, x_lora, self.lora_A[name].weight, self.lora_B[name].weight,
+            return FusedLoraLinear.apply(x, x_lora, self.lora_A[name].weight, self.lora_B[name].weight,
                                           self.base_layer, self.scaling[name], dtype)
         result = self.base_layer(x, *args, **kwargs)
         if self.merged_adapters:
@@ -409,7 +541,7 @@ class LoraLayer(nn.Module):
         return result
 
     def _fused_call(self, x: torch.Tensor) -> tuple[str, torch.dtype] | None:
-        """The adapter to run through `_FusedLoraLinear` in this call and the dtype of its products, or None for the
+        """The adapter to run through `FusedLoraLinear` in this call and the dtype of its products, or None for the
         module-by-module path.
 
         Fused: a training forward (grad enabled) of a frozen nn.Linear or quantized base with exactly one active,
@@ -435,7 +567,7 @@ class LoraLayer(nn.Module):
         # the base's own weight and bias (a quantized weight is buffers in a submodule, never trainable)
         if any(p is not None and p.requires_grad for p in base._parameters.values()):
             return None
-        if not (_runs_plain(base) and _runs_plain(lora_a) and _runs_plain(lora_b)):
+        if not (runs_plain(base) and runs_plain(lora_a) and runs_plain(lora_b)):
             return None
         return name, dtype
 
@@ -504,15 +636,16 @@ def attach(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
         module = model.get_submodule(name)
         existing = module if isinstance(module, LoraLayer) else None
         base = existing.base_layer if existing else module
-        _kind(base)  # raises for unsupported layer types, naming them
+        r = resolve_pattern(config.rank_pattern, name, config.r)
+        _check_adapter_fits(base, r, config.init_lora_weights, name)  # also refuses layer types LoRA cannot wrap
         if existing and adapter_name in existing.r:
             raise ValueError(f"{name} already has an adapter named {adapter_name!r}; pick another name.")
-        plans.append((name, existing, base))
-    for name, existing, base in plans:
+        plans.append((name, existing, base, r))
+    for name, existing, base, r in plans:
         layer = existing or LoraLayer(base, fan_in_fan_out=_fan_in_fan_out_for(base, config, name))
         layer.add_adapter(
             adapter_name,
-            r=resolve_pattern(config.rank_pattern, name, config.r),
+            r=r,
             lora_alpha=resolve_pattern(config.alpha_pattern, name, config.lora_alpha),
             lora_dropout=config.lora_dropout,
             init_lora_weights=config.init_lora_weights,

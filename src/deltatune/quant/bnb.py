@@ -143,3 +143,113 @@ def from_bnb(layer: torch.nn.Module, compute_dtype: torch.dtype | None = None) -
     ours = weight_from_quant_state(weight.data, state, where)
     dtype = compute_dtype if compute_dtype is not None else getattr(layer, "compute_dtype", None)
     return Linear4bit(ours, layer.bias, dtype)
+
+
+# ---- merging into a bitsandbytes layer (what PEFT's lora/bnb.py does) ----------------------------------------------
+
+
+def bnb_weight_kind(layer: torch.nn.Module) -> str | None:
+    """"4bit" / "8bit" for a ``bitsandbytes.nn.Linear4bit`` / ``Linear8bitLt`` (by its weight's class, so
+    bitsandbytes is never imported for it), else None.
+
+    Such layers subclass ``nn.Linear`` but store codes, so writing ``weight.data += delta`` would round the update
+    into int8 zeros (8-bit) or fail on the packed shape (4-bit): they need a dequantize / requantize round trip.
+    """
+    weight = getattr(layer, "weight", None)
+    if not type(weight).__module__.startswith("bitsandbytes"):
+        return None
+    return {"Params4bit": "4bit", "Int8Params": "8bit"}.get(type(weight).__name__)
+
+
+def _unpack_cpu_layout(layer: torch.nn.Module) -> None:
+    """Put a 4-bit weight that bitsandbytes repacked for its AVX512-BF16 CPU kernel back into its standard layout.
+
+    bitsandbytes' ``Linear4bit.forward`` repacks the codes in place (and un-nests the absmax) the first time it runs
+    in inference on such a CPU; ``dequantize_4bit`` only reads the standard layout. bitsandbytes undoes it the same
+    way before saving a state dict; the next inference forward repacks.
+    """
+    weight = layer.weight
+    if not getattr(weight.quant_state, "packing_format_for_cpu", False):
+        return
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+    if hasattr(layer, "quant_state"):
+        layer.quant_state = weight.quant_state
+
+
+def bnb_dequantized_weight(layer: torch.nn.Module) -> torch.Tensor:
+    """The float (out, in) weight a bitsandbytes 4-bit or 8-bit layer computes with.
+
+    4-bit: ``dequantize_4bit`` in the quant state's dtype. 8-bit: int8 codes times each row's absmax / 127 (the
+    scale lives on the weight until the first forward, then in the layer's ``state``), in float32.
+
+    Raises:
+        ValueError: ``layer`` is not a quantized bitsandbytes layer.
+    """
+    import bitsandbytes.functional as F
+
+    kind = bnb_weight_kind(layer)
+    weight = layer.weight
+    if kind == "4bit":
+        if not weight.bnb_quantized:
+            return weight.data
+        _unpack_cpu_layout(layer)
+        return F.dequantize_4bit(weight.data, weight.quant_state)
+    if kind == "8bit":
+        if weight.data.is_floating_point():  # has_fp16_weights: the layer keeps a float weight
+            return weight.data
+        state = layer.state
+        scale = state.SCB if state.SCB is not None else weight.SCB
+        if scale is None:
+            raise ValueError(f"{type(layer).__name__} holds int8 codes but no row scales (SCB); cannot dequantize.")
+        return F.int8_vectorwise_dequant(weight.data, scale.to(weight.device))
+    raise ValueError(f"{type(layer).__name__} is not a quantized bitsandbytes Linear4bit / Linear8bitLt layer.")
+
+
+def bnb_requantize(layer: torch.nn.Module, weight: torch.Tensor) -> None:
+    """Store ``weight`` (float, out x in) in a bitsandbytes layer, quantized as bitsandbytes quantizes on load.
+
+    A fresh ``Params4bit`` (same blocksize, quant type, double quantization, storage dtype; the dtype the layer
+    dequantized to before) or ``Int8Params`` (row-wise int8 of the fp16 weight) replaces the old one, as PEFT's merge
+    does; the rounding of that quantization is the price of merging into a quantized layer.
+    """
+    import bitsandbytes as bnb
+
+    kind = bnb_weight_kind(layer)
+    old = layer.weight
+    device = old.device
+    if kind == "4bit":
+        state = old.quant_state
+        dtype = weight.dtype if state is None else getattr(state, "original_dtype", state.dtype) \
+            if getattr(state, "packing_format_for_cpu", False) else state.dtype
+        new = bnb.nn.Params4bit(weight.to("cpu", dtype), requires_grad=False, blocksize=old.blocksize,
+                                compress_statistics=old.compress_statistics, quant_type=old.quant_type,
+                                quant_storage=old.quant_storage, module=layer)
+        layer.weight = new.to(device)  # moving to a device is what quantizes a Params4bit
+        return
+    if kind == "8bit":
+        if old.data.is_floating_point():
+            old.data.copy_(weight.to(old.dtype))
+            return
+        layer.weight = bnb.nn.Int8Params(weight.to("cpu"), requires_grad=False,
+                                         has_fp16_weights=old.has_fp16_weights).to(device)
+        layer.state.reset_grads()  # drop the old codes and scales the layer's state kept from its last forward
+        return
+    raise ValueError(f"{type(layer).__name__} is not a quantized bitsandbytes Linear4bit / Linear8bitLt layer.")
+
+
+def bnb_add_to_weight(layer: torch.nn.Module, delta: torch.Tensor, safe: bool = False, where: str = "") -> None:
+    """W <- quantize(dequantize(W) + delta) on a bitsandbytes layer (PEFT's merge / unmerge of LoRA into it).
+
+    Args:
+        delta: shaped like the weight (out, in); negative to unmerge.
+        safe: check the sum is finite before anything is written.
+
+    Raises:
+        ValueError: the sum has NaN/Inf (with ``safe``); the layer is left as it was.
+    """
+    merged = bnb_dequantized_weight(layer).to(delta.device, torch.promote_types(delta.dtype, torch.float32)) + delta
+    if safe and not torch.isfinite(merged).all():
+        raise ValueError(f"{where or type(layer).__name__}: merging gives NaN/Inf; nothing was merged.")
+    bnb_requantize(layer, merged)

@@ -1,0 +1,89 @@
+"""LoRA's fused training path: ``base(x) + scaling * B A dropout(x)`` as one autograd node.
+
+Used by ``methods/lora.py``'s ``LoraLayer`` for a frozen nn.Linear or quantized base with one active
+adapter during training; everything else takes the module-by-module path, which gives the same
+gradients (tested against each other and with ``gradcheck``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _frozen_weight_and_state(base: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """For a forward: the (out, in) weight of a frozen nn.Linear in ``dtype``, or a quantized layer's weight rebuilt,
+    with what the backward's :func:`_frozen_weight` may reuse (a quantized layer's block scales)."""
+    if isinstance(base, nn.Linear):
+        return base.weight.to(dtype), None
+    return base.transient_weight_and_state(dtype)
+
+
+def _frozen_weight(base: nn.Module, dtype: torch.dtype, state: torch.Tensor | None) -> torch.Tensor:
+    """For a backward: the same weight again (a quantized layer's copy is safe to keep under create_graph)."""
+    if isinstance(base, nn.Linear):
+        return base.weight.to(dtype)
+    return base.transient_weight(dtype, state)
+
+
+def runs_plain(module: nn.Module) -> bool:
+    """No hook and no replaced ``forward`` on ``module`` (nor global module hooks): calling around it changes nothing.
+
+    accelerate's offloading, for one, swaps a module's ``forward`` to bring its weights in; the fused path must
+    then not read the weights behind its back.
+    """
+    return not (module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__
+                or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+
+
+class FusedLoraLinear(torch.autograd.Function):
+    """``base(x) + scaling * B A dropout(x)`` as one autograd node, for a frozen nn.Linear or quantized base.
+
+    Why: as separate modules, a training step pays per layer for four graph nodes, a copy of the base output to add
+    the update to, and a second gradient for x (base and LoRA parts) that autograd then adds together. Here the
+    update is added inside the GEMM (``addmm_``) in both directions, and a quantized base rebuilds its weight in
+    backward from block scales kept from forward. On the step benchmarks (SmolLM2-135M shape, all linear layers,
+    CPU) this took QLoRA from 1.003 to 0.968 of PEFT + bitsandbytes' time and LoRA from 0.991 to 0.95 of PEFT's.
+
+    ``x_lora`` is ``dropout(x)`` when dropout is on, else None (then x feeds both paths and gets one summed
+    gradient); dropout stays outside so autograd takes its mask into account. ``dtype`` is what every product runs
+    in: the input's, or autocast's (bf16), which then casts the input, weights and adapter the way autocast would.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, x_lora: torch.Tensor | None, lora_a: torch.Tensor,  # noqa: ANN001
+                lora_b: torch.Tensor, base: nn.Module, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+        weight, state = _frozen_weight_and_state(base, dtype)
+        flat_x = x.reshape(-1, x.shape[-1]).to(dtype)
+        lora_in = flat_x if x_lora is None else x_lora.reshape(-1, x_lora.shape[-1]).to(dtype)
+        lora_a, lora_b = lora_a.to(dtype), lora_b.to(dtype)
+        bias = None if base.bias is None else base.bias.to(dtype)
+        out = F.linear(flat_x, weight, bias)
+        # A x^T as (r, tokens): with r this small, MKL is 1.5-3x faster in this layout than x A^T (and for B's
+        # gradient below), measured on the SmolLM2 shapes
+        after_a_t = lora_a @ lora_in.t()
+        out.addmm_(after_a_t.t(), lora_b.t(), alpha=scaling)
+        ctx.save_for_backward(lora_in, lora_a, lora_b, after_a_t)
+        ctx.base, ctx.state, ctx.scaling, ctx.separate_lora_input = base, state, scaling, x_lora is not None
+        ctx.input_dtypes = (x.dtype, None if x_lora is None else x_lora.dtype)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
+        lora_in, lora_a, lora_b, after_a_t = ctx.saved_tensors  # all in the products' dtype
+        needs_x, needs_x_lora, needs_a, needs_b = ctx.needs_input_grad[:4]
+        x_dtype, x_lora_dtype = ctx.input_dtypes
+        flat_grad = grad.reshape(-1, grad.shape[-1]).to(lora_in.dtype)
+        grad_after_a = (flat_grad @ lora_b).mul_(ctx.scaling)  # (tokens, r), already scaled
+        grad_a = grad_after_a.t() @ lora_in if needs_a else None
+        grad_b = (after_a_t @ flat_grad).mul_(ctx.scaling).t() if needs_b else None
+        grad_x = grad_x_lora = None
+        if needs_x:
+            grad_x = flat_grad @ _frozen_weight(ctx.base, lora_in.dtype, ctx.state)
+            if not ctx.separate_lora_input:
+                grad_x.addmm_(grad_after_a, lora_a)
+            grad_x = grad_x.view(*grad.shape[:-1], grad_x.shape[-1]).to(x_dtype)
+        if ctx.separate_lora_input and needs_x_lora:
+            grad_x_lora = (grad_after_a @ lora_a).view(*grad.shape[:-1], lora_a.shape[-1]).to(x_lora_dtype)
+        return grad_x, grad_x_lora, grad_a, grad_b, None, None, None
