@@ -25,7 +25,7 @@ from .functional import resolve_save_embedding_layers, values_from_state_dict
 from .loading import check_adapter_name, read_adapter
 from .methods import method_for
 from .modules_to_save import wrap_modules_to_save
-from .targets import is_quantized
+from .quant.kbit import is_bnb_quantized_param, peft_param_count, quantized_param_count
 
 DEFAULT_ADAPTER = "default"
 # Heads a task trains in full next to the adapter (PEFT's classifier_module_names / qa_module_names).
@@ -341,13 +341,11 @@ class PeftModel(nn.Module):
         """
         trainable = all_params = 0
         for param in self.parameters():
-            count = param.numel()
-            if type(param).__name__ == "Params4bit":
-                count *= 2 * param.element_size()
-            all_params += count
+            if not is_bnb_quantized_param(param):  # counted with the quantized layers below
+                all_params += param.numel()
             if param.requires_grad:
-                trainable += count
-        return trainable, all_params + _quantized_weight_count(self)
+                trainable += peft_param_count(param)
+        return trainable, all_params + quantized_param_count(self)
 
     def print_trainable_parameters(self) -> None:
         trainable, all_params = self.get_nb_trainable_parameters()
@@ -526,7 +524,3 @@ class PeftModel(nn.Module):
         self.peft_config.pop(adapter_name, None)
         self._active = [a for a in self._active if a != adapter_name]
 
-
-def _quantized_weight_count(model: nn.Module) -> int:
-    """Weights held as codes in deltatune's Linear4bit/Linear8bit buffers (PEFT counts a bnb layer's the same)."""
-    return sum(m.in_features * m.out_features for m in model.modules() if is_quantized(m))

@@ -4,6 +4,12 @@ The matching rules are PEFT's, so a config means the same thing in both librarie
 a list item matches a module whose full name equals it or ends with "." + item; a string is a
 regex that must match the whole name; "all-linear" is every Linear (or GPT-2 Conv1D) except the
 output head.
+
+Adding a second adapter must land on the same modules whatever is already attached, so selection
+sees through adapter layers: a LoRA-wrapped layer counts as the layer it wraps (an all-linear
+second adapter still finds q_proj after a first adapter wrapped it), while the wrapper's own
+children (``base_layer``, ``lora_A.<name>``, a modules_to_save ``original_module`` and its copies)
+are never targets themselves.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import sys
 from collections.abc import Iterable
 
 from torch import nn
+
+from .adapter_layer import AdapterLayer
 
 ALL_LINEAR = "all-linear"
 
@@ -67,6 +75,43 @@ def is_quantized(module: nn.Module) -> bool:
 def is_linear_like(module: nn.Module) -> bool:
     """nn.Linear, GPT-2's Conv1D, or a quantized linear layer: what "all-linear" selects."""
     return isinstance(module, nn.Linear) or is_gpt2_conv1d(module) or is_quantized(module)
+
+
+def is_modules_to_save_wrapper(module: nn.Module) -> bool:
+    """A modules_to_save holder (deltatune's or PEFT's layout: ``original_module`` + ``modules_to_save`` copies).
+
+    Such a wrapper trains whole copies of a module; it is not a layer a LoRA adapter can be added to, and
+    the copies inside it must never receive LoRA (PEFT refuses that combination for the same reason).
+    """
+    return isinstance(getattr(module, "modules_to_save", None), nn.ModuleDict) and isinstance(
+        getattr(module, "original_module", None), nn.Module)
+
+
+def is_adapter_layer(module: nn.Module) -> bool:
+    """A layer-wrapping adapter layer (LoRA and friends, or a modules_to_save wrapper)."""
+    return isinstance(module, AdapterLayer)
+
+
+def base_of(module: nn.Module) -> nn.Module:
+    """The layer that ``module`` stands for in type checks: its innermost ``base_layer`` when it is an adapter layer.
+
+    A LoRA-wrapped q_proj is still a Linear for "all-linear" and for choosing the kind of layer to build, so
+    adding adapters in any order selects the same modules. A modules_to_save wrapper is left as it is: it
+    is not an adaptable layer (see :func:`is_modules_to_save_wrapper`).
+    """
+    while is_adapter_layer(module) and not is_modules_to_save_wrapper(module):
+        module = module.base_layer
+    return module
+
+
+def adapter_layer_names(model: nn.Module) -> set[str]:
+    """Names of the adapter layers in ``model``: their children are adapter internals, never targets."""
+    return {name for name, module in model.named_modules() if name and is_adapter_layer(module)}
+
+
+def is_all_linear(target_modules: object) -> bool:
+    """The "all-linear" shorthand, in any letter case, as PEFT reads it."""
+    return isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR
 
 
 def name_matches(name: str, patterns: str | Iterable[str]) -> bool:
@@ -125,24 +170,29 @@ def find_targets(
 ) -> list[str]:
     """Names of the modules to adapt, in model order.
 
+    Adapter layers already in ``model`` are seen through (see the module docstring): a wrapped layer is
+    matched by its own name and typed by its base layer, and nothing inside an adapter layer is a target.
+
     Args:
-        skip_inside: names of wrapper layers whose children are never targets themselves.
+        skip_inside: more names of wrapper layers whose children are never targets themselves (adapter
+            layers in ``model`` are found without it).
         skip: names (list rule) that are not targets, nor is anything inside them (modules_to_save).
 
     Raises:
         ValueError: when nothing matches; the message lists the model's closest module names.
     """
-    inside = tuple(n + "." for n in skip_inside)
+    inside = tuple(n + "." for n in {*skip_inside, *adapter_layer_names(model)})
     skip = list(skip)
-    heads = output_head_names(model) if target_modules == ALL_LINEAR else set()
+    all_linear = is_all_linear(target_modules)
+    heads = output_head_names(model) if all_linear else set()
     if isinstance(layers_to_transform, int):
         layers_to_transform = [layers_to_transform]
     found = []
     for name, module in model.named_modules():
         if not name or name.startswith(inside) or (skip and _is_or_is_inside(name, skip)):
             continue
-        if target_modules == ALL_LINEAR:
-            if not is_linear_like(module) or name in heads:
+        if all_linear:
+            if not is_linear_like(base_of(module)) or name in heads:
                 continue
         elif not name_matches(name, target_modules):
             continue
