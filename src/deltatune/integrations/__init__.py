@@ -17,7 +17,9 @@ is checked: on an untested one nothing is patched, and a warning says so.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib
 import inspect
 import os
 import sys
@@ -28,6 +30,8 @@ from typing import Any
 TESTED_MAJOR = {"transformers": "5", "accelerate": "1", "trl": "1"}
 # Functions that answer "is this a PEFT model?", by module that defines them.
 PREDICATES = {"transformers.trainer_utils": "_is_peft_model", "accelerate.utils.modeling": "is_peft_model"}
+# TRL trainers that take a ``peft_config``.
+TRL_TRAINERS = ("sft_trainer", "dpo_trainer", "kto_trainer", "reward_trainer", "grpo_trainer", "rloo_trainer")
 _PATCHED = "_deltatune_original"  # attribute a patched function keeps its original under
 _modules_seen = 0
 _warned: set[str] = set()
@@ -44,9 +48,20 @@ def install() -> None:
             _patch_predicate(module_name, function_name)
     if _tested("transformers.trainer"):
         _patch_trainer_save(sys.modules["transformers.trainer"])
+    if _tested("trl"):
+        _import_trl_trainers()
     for name in [n for n in sys.modules if n.startswith("trl.trainer.") and n.endswith("_trainer")]:
         if _tested(name):
             _patch_trl_trainers(sys.modules[name])
+
+
+def _import_trl_trainers() -> None:
+    """TRL loads its trainers lazily (``trl.SFTTrainer`` imports on first use): once TRL itself is imported,
+    import the trainers that take ``peft_config``, so they are patched before a deltatune config reaches one."""
+    for name in TRL_TRAINERS:
+        if f"trl.trainer.{name}" not in sys.modules:
+            with contextlib.suppress(ImportError):
+                importlib.import_module(f"trl.trainer.{name}")
 
 
 def _tested(module_name: str) -> bool:
