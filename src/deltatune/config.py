@@ -6,11 +6,17 @@ flat JSON object HF PEFT writes, so files move freely between the two libraries.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import json
+import math
+import numbers
 import os
+import re
+import secrets
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -78,12 +84,40 @@ class PeftConfig:
             self.task_type = self.task_type.value
         if isinstance(self.peft_type, PeftType):
             self.peft_type = self.peft_type.value
-        if self.task_type is not None and self.task_type not in TaskType.__members__:
+        if isinstance(self.modules_to_save, (list, tuple, set, frozenset)):
+            self.modules_to_save = list(self.modules_to_save)
+        if isinstance(self.base_model_name_or_path, os.PathLike):
+            self.base_model_name_or_path = os.fspath(self.base_model_name_or_path)
+        self.validate()
+        from .integrations import install  # trainers imported by now learn to take this config (stdlib-only module)
+
+        install()
+
+    def validate(self) -> None:
+        """Refuse values of the wrong type or out of range, naming the field and what it takes.
+
+        Called on construction and again when an adapter is attached (a field may have been changed since):
+        a wrong value must stop here, not turn into a NaN model or a traceback deep inside.
+
+        Raises:
+            ValueError: the first field whose value is wrong.
+        """
+        if self.task_type is not None and (not isinstance(self.task_type, str)
+                                           or self.task_type not in TaskType.__members__):
             raise ValueError(
                 f"task_type={self.task_type!r} is not known; use one of {sorted(TaskType.__members__)} or None."
             )
-        if self.modules_to_save is not None:
-            self.modules_to_save = list(self.modules_to_save)
+        if self.modules_to_save is not None and not _is_str_list(self.modules_to_save):
+            raise ValueError(f"modules_to_save={self.modules_to_save!r} must be a list of module names, "
+                             "e.g. ['lm_head'], or None.")
+        for name in ("base_model_name_or_path", "revision", "peft_version"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name}={value!r} must be a string or None.")
+        if not isinstance(self.inference_mode, bool):
+            raise ValueError(f"inference_mode={self.inference_mode!r} must be True or False.")
+        if self.auto_mapping is not None and not isinstance(self.auto_mapping, dict):
+            raise ValueError(f"auto_mapping={self.auto_mapping!r} must be a dict or None.")
 
     @property
     def is_prompt_learning(self) -> bool:
@@ -91,7 +125,12 @@ class PeftConfig:
         return False
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON-ready dict: the dataclass fields (see ``_written_only_when_set``), sets as sorted lists."""
+        """The JSON-ready dict: the dataclass fields (see ``_written_only_when_set``), sets as sorted lists.
+
+        Raises:
+            ValueError: a field holds NaN or Infinity, which JSON cannot hold (Python would write bare ``NaN``
+                that other readers refuse, and the adapter would compute NaN anyway).
+        """
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -100,15 +139,33 @@ class PeftConfig:
             if isinstance(value, (set, frozenset)):
                 value = sorted(value)
             out[f.name] = value
+        check_json_finite(out, type(self).__name__)
         return out
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **extra: Any) -> None:
-        """Write ``adapter_config.json`` into ``save_directory`` (extra keys are added verbatim)."""
-        os.makedirs(save_directory, exist_ok=True)
+    def to_json_string(self, **extra: Any) -> str:
+        """The text of ``adapter_config.json``: ``to_dict()`` plus ``extra``, strict JSON (no NaN/Infinity).
+
+        Raises:
+            ValueError: a value that is not finite or not JSON-serializable, naming the field.
+        """
         data = {**self.to_dict(), **extra}
-        with open(os.path.join(save_directory, CONFIG_NAME), "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-            fh.write("\n")
+        check_json_finite(data, type(self).__name__)
+        for key, value in data.items():
+            try:
+                json.dumps(value, allow_nan=False)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{type(self).__name__}.{key}={value!r} cannot be written to {CONFIG_NAME}: {err}. "
+                                 "Use plain numbers, strings, lists and dicts.") from err
+        return json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **extra: Any) -> None:
+        """Write ``adapter_config.json`` into ``save_directory`` (extra keys are added verbatim).
+
+        The file is written to a temporary name and renamed, so a crash never leaves a half-written config.
+        """
+        text = self.to_json_string(**extra)  # every check before the folder is touched
+        os.makedirs(save_directory, exist_ok=True)
+        write_atomically(os.path.join(save_directory, CONFIG_NAME), lambda path: _write_text(path, text))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> PeftConfig:
@@ -126,7 +183,7 @@ class PeftConfig:
             )
         try:
             return cls(**{key: value for key, value in data.items() if key in names})
-        except ValueError as err:
+        except (ValueError, TypeError) as err:  # TypeError: a value of a type no check foresaw
             raise ValueError(f"{source}: {err}") from err
 
     @classmethod
@@ -173,6 +230,116 @@ class PeftConfig:
         return config
 
 
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def is_real_number(value: Any) -> bool:
+    """An int or float (numpy scalars too), but not a bool nor a string that looks like a number."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def non_finite_paths(value: Any, path: str) -> list[str]:
+    """Where NaN or +-Infinity sits in a JSON-like value (dicts, lists, numbers), as ``path['key'][0]``."""
+    if is_real_number(value) and not isinstance(value, numbers.Integral):
+        return [] if math.isfinite(float(value)) else [path]
+    if isinstance(value, dict):
+        return [p for key, item in value.items() for p in non_finite_paths(item, f"{path}[{key!r}]")]
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [p for i, item in enumerate(value) for p in non_finite_paths(item, f"{path}[{i}]")]
+    return []
+
+
+def check_number(name: str, value: Any) -> None:
+    """A finite int or float; a string such as "16" is refused rather than guessed at (PEFT takes it silently and
+    fails later, or computes with it)."""
+    if not is_real_number(value):
+        raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__}); pass e.g. {name}=16.")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}: the update is scaled by it, so every output "
+                         "would be NaN or infinite.")
+
+
+def check_regex(name: str, pattern: str, template: str) -> None:
+    """``pattern`` as it will be used (inside ``template``) must compile; say so here, not as a re.error later."""
+    try:
+        re.compile(template.format(pattern))
+    except re.error as err:
+        raise ValueError(f"{name}={pattern!r} is not a valid regular expression ({err}); give a list of module "
+                         "names, or a valid regex.") from err
+
+
+def check_names(name: str, value: Any, template: str = "^(?:{})$") -> None:
+    """None, a list of module names, or one string (a full-match regex, or "all-linear")."""
+    if value is None:
+        return
+    if isinstance(value, str):
+        check_regex(name, value, template)
+        return
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ValueError(f"{name}={value!r} must be a list of module names (strings), a regex string, or None "
+                         "(target_modules also takes 'all-linear').")
+
+
+def check_patterns(name: str, patterns: Any, check_value: Callable[[str, Any], None]) -> None:
+    """rank_pattern / alpha_pattern: {regex on the module name: value}."""
+    if not isinstance(patterns, dict):
+        raise ValueError(f"{name} must be a dict {{module name regex: value}}, got {patterns!r}.")
+    for key, value in patterns.items():
+        if not isinstance(key, str):
+            raise ValueError(f"{name} keys must be strings (module name regexes), got {key!r}.")
+        check_regex(f"{name} key", key, r"(.*\.)?({})$")  # as targets.resolve_pattern uses it
+        check_value(f"{name}[{key!r}]", value)
+
+
+def check_layers(layers_to_transform: Any, layers_pattern: Any) -> None:
+    """layers_to_transform: None, a block index or a list of them; layers_pattern: None, a name or a list."""
+    indices = [layers_to_transform] if isinstance(layers_to_transform, int) else layers_to_transform
+    if indices is not None and (not isinstance(indices, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices)):
+        raise ValueError(f"layers_to_transform must be a block index (int >= 0), a list of them, or None; "
+                         f"got {layers_to_transform!r}.")
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+    if patterns is None:
+        return
+    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+        raise ValueError(f"layers_pattern must be a name, a list of names, or None; got {layers_pattern!r}.")
+    for pattern in patterns:
+        check_regex("layers_pattern", pattern, r"(?:.*\.)?{}\.(\d+)(?:\.|$)")  # as targets.layer_index uses it
+
+def check_json_finite(data: dict[str, Any], owner: str) -> None:
+    """Refuse NaN/Infinity anywhere in a config dict, naming each field that holds one."""
+    bad = [p for key, value in data.items() for p in non_finite_paths(value, key)]
+    if bad:
+        raise ValueError(f"{owner} holds non-finite values (NaN or Infinity) in {bad}; an adapter config must hold "
+                         "finite numbers (JSON has no NaN/Infinity, and such a scale makes every output NaN).")
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Let ``write`` fill a temporary file next to ``path``, then rename it over ``path``.
+
+    A crash or a full disk midway leaves the old file (or none), never a torn one; the temporary file is
+    removed on failure.
+    """
+    path = os.fspath(path)
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # made by ``write``: normal mode
+    try:
+        write(tmp)
+        with open(tmp, "r+b") as fh:  # on disk before the rename makes it the file
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
 def _default(f: dataclasses.Field) -> Any:
     """A dataclass field's default value (made fresh from its factory)."""
     if f.default_factory is not dataclasses.MISSING:
@@ -211,6 +378,8 @@ def read_config_dict(directory: str | os.PathLike) -> dict[str, Any]:
             data = json.load(fh)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}).") from err
+    except (UnicodeDecodeError, RecursionError) as err:
+        raise ValueError(f"{path} is not a readable JSON text ({err}).") from err
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object, found {type(data).__name__}.")
     if "peft_type" not in data:

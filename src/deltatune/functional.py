@@ -17,9 +17,10 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from .adapter_layer import adapter_layers
+from .adapter_layer import adapter_layers, replace_module
 from .config import PeftConfig
 from .formats.peft import adapter_tensors, load_adapter_tensors
+from .loading import check_adapter_name
 from .methods import method_for
 from .modules_to_save import wrap_modules_to_save
 
@@ -130,12 +131,17 @@ def inject_adapter_in_model(
     """
     if peft_config.is_prompt_learning:
         raise ValueError("inject_adapter_in_model does not take prompt-learning methods; use get_peft_model.")
+    check_adapter_name(adapter_name)
     if state_dict is not None:
         peft_config.target_modules = _targets_from_state_dict(state_dict)
     method = method_for(peft_config.peft_type)
-    method.attach(model, peft_config, adapter_name)
-    if peft_config.modules_to_save:
-        wrap_modules_to_save(model, peft_config.modules_to_save, adapter_name)
+    method.attach(model, peft_config, adapter_name)  # takes back its own layers when it fails
+    try:
+        if peft_config.modules_to_save:
+            wrap_modules_to_save(model, peft_config.modules_to_save, adapter_name)
+    except BaseException:
+        remove_adapter_layers(model, adapter_name)
+        raise
     for param in model.parameters():
         param.requires_grad_(False)
     for _, layer in adapter_layers(model):
@@ -147,6 +153,16 @@ def inject_adapter_in_model(
     configs = getattr(model, "peft_config", None)
     model.peft_config = {**(configs if isinstance(configs, dict) else {}), adapter_name: peft_config}
     return model
+
+
+def remove_adapter_layers(model: nn.Module, adapter_name: str) -> None:
+    """Drop one adapter's weights from every layer; layers left with none go back to the module they wrapped
+    (the same module object, so the model's tree is as it was before the adapter came)."""
+    for name, layer in list(adapter_layers(model)):
+        layer.delete_adapter(adapter_name)
+        if not layer.adapter_names():
+            replace_module(model, name, layer.original_module if hasattr(layer, "original_module")
+                           else layer.unwrapped(merge=False))
 
 
 def resolve_save_embedding_layers(value: bool | str, config: PeftConfig, model: nn.Module) -> bool:

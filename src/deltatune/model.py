@@ -20,9 +20,9 @@ from torch import nn
 from . import integrations
 from .adapter_layer import BASE_ADAPTER, adapter_layers, replace_module
 from .config import PeftConfig, TaskType
-from .formats.peft import adapter_tensors, load_adapter_tensors, write_adapter
-from .functional import resolve_save_embedding_layers, values_from_state_dict
-from .loading import check_adapter_name, read_adapter
+from .formats.peft import adapter_tensors, check_finite, load_adapter_tensors, write_adapter
+from .functional import remove_adapter_layers, resolve_save_embedding_layers, values_from_state_dict
+from .loading import adapter_directory, check_adapter_name, read_adapter
 from .methods import method_for
 from .modules_to_save import wrap_modules_to_save
 from .quant.kbit import is_bnb_quantized_param, peft_param_count, quantized_param_count
@@ -137,9 +137,11 @@ class PeftModel(nn.Module):
         (``freeze_base``); adding an adapter later leaves parameters the user unfroze alone.
         ``low_cpu_mem_usage`` is accepted for PEFT's signature: adapter weights are small and made in place.
         """
+        check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"An adapter named {adapter_name!r} exists already; pick another name.")
-        check_adapter_name(adapter_name)
+        if not hasattr(peft_config, "peft_type"):
+            raise TypeError(f"peft_config must be a config such as deltatune.LoraConfig, got {type(peft_config)!r}.")
         if peft_config.is_prompt_learning and self.peft_config:
             raise ValueError("Prompt-learning adapters cannot share a model with other adapters.")
         method = method_for(peft_config.peft_type)
@@ -150,13 +152,13 @@ class PeftModel(nn.Module):
             peft_config.modules_to_save = [*(peft_config.modules_to_save or []), *extra_heads]
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
-        method.attach(model, peft_config, adapter_name)
-        if peft_config.modules_to_save:
-            try:
+        method.attach(model, peft_config, adapter_name)  # takes back its own layers when it fails
+        try:
+            if peft_config.modules_to_save:
                 wrap_modules_to_save(model, peft_config.modules_to_save, adapter_name)
-            except ValueError:
-                self._remove_adapter_layers(adapter_name)
-                raise
+        except BaseException:
+            self._remove_adapter_layers(adapter_name)
+            raise
         self.peft_config[adapter_name] = peft_config
         if freeze_base:
             for param in model.parameters():
@@ -198,12 +200,7 @@ class PeftModel(nn.Module):
 
     def _remove_adapter_layers(self, adapter_name: str) -> None:
         """Drop one adapter's weights; layers left with none go back to their base module."""
-        model = self.get_base_model()
-        for name, layer in list(adapter_layers(model)):
-            layer.delete_adapter(adapter_name)
-            if not layer.adapter_names():
-                replace_module(model, name, layer.original_module if hasattr(layer, "original_module")
-                               else layer.unwrapped(merge=False))
+        remove_adapter_layers(self.get_base_model(), adapter_name)
 
     def _apply_activation(self) -> None:
         """Push the active adapter list into every layer; only the active adapters' tensors train.
@@ -393,9 +390,10 @@ class PeftModel(nn.Module):
         if not is_main_process:
             return
         model = self.get_base_model()
-        for name in names:
+        writes = []
+        for name in names:  # every adapter checked before the first file is written
             config = self.peft_config[name]
-            directory = save_directory if name == DEFAULT_ADAPTER else os.path.join(save_directory, name)
+            directory = adapter_directory(save_directory, name, DEFAULT_ADAPTER)
             extra: dict[str, Any] = {"inference_mode": True}
             if config.task_type is None:
                 extra["auto_mapping"] = {"base_model_class": type(model).__name__,
@@ -404,6 +402,9 @@ class PeftModel(nn.Module):
             tensors = adapter_tensors(self, config, name, save_embedding_layers=embeddings)
             if state_dict is not None:
                 tensors = values_from_state_dict(self, tensors, state_dict)
+            check_finite(tensors, f"adapter {name!r}")
+            writes.append((directory, config, tensors, extra))
+        for directory, config, tensors, extra in writes:
             write_adapter(directory, config, tensors, extra)
 
     @classmethod
@@ -427,11 +428,13 @@ class PeftModel(nn.Module):
         ``torch_device`` are honoured, Hub-only ones (``token``, ``cache_dir``, ...) have no effect on a
         local folder and say so; anything else is an error. The config and weights are read and checked
         before the model is touched; if the weights do not fit, the model is given back unchanged and the
-        error names the key and both shapes.
+        error names the key and both shapes. Any failure leaves ``model`` exactly as it was (values,
+        requires_grad, modules). Tensors holding NaN/Inf load with a warning naming them; base weights the
+        file replaces (biases, embeddings: the keys PEFT writes) load with a warning naming them.
         """
+        check_adapter_name(adapter_name)
         adapter = read_adapter(model_id, config, is_trainable, ephemeral_gpu_offload=ephemeral_gpu_offload,
                                key_mapping=key_mapping, **kwargs)
-        check_adapter_name(adapter_name)
         if cls is PeftModel:
             from .tasks import peft_model_class  # the subclasses are defined on top of this module
 
@@ -446,7 +449,7 @@ class PeftModel(nn.Module):
         requires_grad = {id(p): p.requires_grad for p in model.parameters()}
         try:
             wrapper._load_checked(adapter_name, adapter, autocast_adapter_dtype, freeze_base=True)
-        except Exception:
+        except BaseException:
             for param in model.parameters():  # a failed load leaves the model as it was
                 param.requires_grad_(requires_grad.get(id(param), param.requires_grad))
             raise
@@ -472,15 +475,16 @@ class PeftModel(nn.Module):
 
         As in PEFT, an existing ``adapter_name`` gets the file's weights (this is how Trainer resumes and
         loads the best checkpoint); a new one is attached first. Not ``is_trainable``: the model is put in
-        eval mode, as PEFT does.
+        eval mode, as PEFT does. A failure leaves the model as it was; warnings as in ``from_pretrained``.
         """
+        check_adapter_name(adapter_name)
         config = kwargs.pop("config", None)
         adapter = read_adapter(model_id, config, is_trainable, torch_device=torch_device,
                                ephemeral_gpu_offload=ephemeral_gpu_offload, key_mapping=key_mapping, **kwargs)
         if adapter_name in self.peft_config:
             self._warn_load_result(adapter.source, *load_adapter_tensors(
                 self, self.peft_config[adapter_name], adapter_name, adapter.weights,
-                skip_mismatched=adapter.ignore_mismatched_sizes))
+                skip_mismatched=adapter.ignore_mismatched_sizes, source=adapter.source))
         else:
             self._load_checked(adapter_name, adapter, autocast_adapter_dtype)
             self._apply_activation()
@@ -489,16 +493,20 @@ class PeftModel(nn.Module):
 
     def _load_checked(self, adapter_name: str, adapter: Any, autocast_adapter_dtype: bool = True,
                       freeze_base: bool = False) -> None:
-        self.add_adapter(adapter_name, adapter.config, autocast_adapter_dtype=autocast_adapter_dtype,
-                         freeze_base=freeze_base)
+        """Attach the adapter, then fill it from the file; any failure takes the adapter off again."""
+        try:
+            self.add_adapter(adapter_name, adapter.config, autocast_adapter_dtype=autocast_adapter_dtype,
+                             freeze_base=freeze_base)
+        except ValueError as err:
+            raise ValueError(f"{adapter.source}: {err}") from err
         try:
             result = load_adapter_tensors(self, adapter.config, adapter_name, adapter.weights,
-                                          skip_mismatched=adapter.ignore_mismatched_sizes)
-        except ValueError:
+                                          skip_mismatched=adapter.ignore_mismatched_sizes, source=adapter.source)
+            if adapter.device is not None:
+                self._move_adapter(adapter_name, adapter.device)
+        except BaseException:
             self._undo_add(adapter_name)
             raise
-        if adapter.device is not None:
-            self._move_adapter(adapter_name, adapter.device)
         self._warn_load_result(adapter.source, *result)
 
     def _move_adapter(self, adapter_name: str, device: torch.device) -> None:

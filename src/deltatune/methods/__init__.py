@@ -31,7 +31,7 @@ METHODS: dict[str, Method] = {
 def method_for(peft_type: str | None, source: str = "config") -> Method:
     """The registered method for ``peft_type``, or an error naming the known ones."""
     key = getattr(peft_type, "value", peft_type)
-    if key not in METHODS:
+    if not isinstance(key, str) or key not in METHODS:
         raise ValueError(
             f"{source}: peft_type={peft_type!r} is not a method deltatune knows; known: {sorted(METHODS)}."
         )

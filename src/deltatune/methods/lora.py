@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapter_layer import BASE_ADAPTER, check_batch_size, inside_adapter_layer, replace_module, rows_by_adapter
-from ..config import PeftConfig
+from ..config import PeftConfig, check_layers, check_names, check_number, check_patterns, is_real_number
 from ..quant.bnb import bnb_add_to_weight, bnb_dequantized_weight, bnb_weight_kind
 from ..targets import (
     default_target_modules,
@@ -146,19 +146,33 @@ class LoraConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         self.peft_type = "LORA"
-        super().__post_init__()
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
-        if isinstance(self.exclude_modules, (set, tuple)):
-            self.exclude_modules = sorted(self.exclude_modules)
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise ValueError(f"r must be a positive integer (the LoRA rank), got {self.r!r}.")
-        for key, rank in self.rank_pattern.items():
-            if not isinstance(rank, int) or rank <= 0:
-                raise ValueError(f"rank_pattern[{key!r}] must be a positive integer, got {rank!r}.")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
-        if self.bias not in BIAS_MODES:
+        self.target_modules = _as_list(self.target_modules)
+        self.exclude_modules = _as_list(self.exclude_modules)
+        self.runtime_config = _runtime_config(self.runtime_config)
+        super().__post_init__()  # runs validate()
+        self._drop_unused_init_configs()
+
+    def validate(self) -> None:
+        """Every field checked for type and range, so a bad value (NaN alpha, a string for a number, an int for
+        target_modules) stops here with its name, instead of training a NaN adapter or failing deep inside.
+
+        Raises:
+            ValueError: the first field whose value is wrong, with what it takes.
+        """
+        super().validate()
+        _check_rank("r", self.r)
+        check_number("lora_alpha", self.lora_alpha)
+        if not is_real_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}.")
+        check_names("target_modules", self.target_modules)
+        check_names("exclude_modules", self.exclude_modules)
+        check_patterns("rank_pattern", self.rank_pattern, _check_rank)
+        check_patterns("alpha_pattern", self.alpha_pattern, check_number)
+        check_layers(self.layers_to_transform, self.layers_pattern)
+        for name in ("fan_in_fan_out", "use_rslora"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        if not isinstance(self.bias, str) or self.bias not in BIAS_MODES:
             raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}.")
         _check_init_mode(self.init_lora_weights)
         if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
@@ -168,9 +182,7 @@ class LoraConfig(PeftConfig):
             )
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern only has a meaning together with layers_to_transform.")
-        self.runtime_config = _runtime_config(self.runtime_config)
         _check_unsupported_fields(self)
-        self._drop_unused_init_configs()
 
     def _drop_unused_init_configs(self) -> None:
         """A settings object for an init mode that is not chosen is ignored, with PEFT's warning."""
@@ -194,6 +206,19 @@ class LoraConfig(PeftConfig):
             data["init_lora_weights"] = True
         return super().from_dict(data, source=source)
 
+
+def _as_list(names: Any) -> Any:
+    """A set or tuple of names as a sorted list (a file must not depend on hash order)."""
+    if isinstance(names, (set, frozenset, tuple)):
+        return sorted(names) if all(isinstance(n, str) for n in names) else list(names)
+    return names
+
+
+def _check_rank(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer (the LoRA rank), got {value!r}.")
+    if value >= 2**63:  # no tensor can have such a dimension; smaller ones that do not fit fail at allocation
+        raise ValueError(f"{name}={value} is too large to be a tensor dimension; LoRA ranks are usually 4-64.")
 
 def _check_init_mode(mode: Any) -> None:
     """True/False/'gaussian'/'orthogonal' work; PEFT's other modes get a clear 'not supported yet'."""
@@ -346,6 +371,18 @@ class LoraLayer(nn.Module):
         if name in self.r:
             raise ValueError(f"This layer already has an adapter named {name!r}.")
         _check_adapter_fits(self.base_layer, r, init_lora_weights, type(self.base_layer).__name__)
+        try:
+            self._create_adapter(name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora)
+        except (RuntimeError, MemoryError) as err:  # what torch raises when the allocation fails
+            self.delete_adapter(name)  # whatever was made before the failure
+            raise ValueError(
+                f"Could not allocate a rank-{r} LoRA adapter for a {type(self.base_layer).__name__} "
+                f"({self.in_features} -> {self.out_features}) (torch: {str(err).splitlines()[0]}). Choose a smaller r "
+                "(usually 4-64; ranks above the layer's width add nothing)."
+            ) from err
+
+    def _create_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float,
+                        init_lora_weights: bool | str, use_rslora: bool) -> None:
         base_weight = self.base_layer.weight
         factory = {"device": base_weight.device, "dtype": _adapter_dtype(self.base_layer)}
         if self.kind == "embedding":
@@ -622,8 +659,11 @@ def _fan_in_fan_out_for(base: nn.Module, config: LoraConfig, name: str) -> bool:
 def attach(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
     """Add LoRA adapter ``adapter_name`` to every module ``config`` targets; returns their names.
 
-    Every target is checked before the first layer is swapped, so a bad config leaves the model as it was.
+    Every target is checked before the first layer is swapped, and a failure while adding (an allocation that
+    fails) takes back the layers already done, so an error always leaves the model as it was.
     """
+    if isinstance(config, LoraConfig):  # (PEFT's own LoraConfig is taken as it is, unchecked)
+        config.validate()  # fields may have been changed since the config was made
     if config.target_modules is None:
         config.target_modules = default_target_modules(model)
     names = find_targets(
@@ -641,16 +681,34 @@ def attach(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
         if existing and adapter_name in existing.r:
             raise ValueError(f"{name} already has an adapter named {adapter_name!r}; pick another name.")
         plans.append((name, existing, base, r))
-    for name, existing, base, r in plans:
-        layer = existing or LoraLayer(base, fan_in_fan_out=_fan_in_fan_out_for(base, config, name))
-        layer.add_adapter(
-            adapter_name,
-            r=r,
-            lora_alpha=resolve_pattern(config.alpha_pattern, name, config.lora_alpha),
-            lora_dropout=config.lora_dropout,
-            init_lora_weights=config.init_lora_weights,
-            use_rslora=config.use_rslora,
-        )
-        if existing is None:
-            replace_module(model, name, layer)
+    done: list[tuple[str, LoraLayer | None, nn.Module]] = []
+    try:
+        for name, existing, base, r in plans:
+            layer = existing or LoraLayer(base, fan_in_fan_out=_fan_in_fan_out_for(base, config, name))
+            try:
+                layer.add_adapter(
+                    adapter_name,
+                    r=r,
+                    lora_alpha=resolve_pattern(config.alpha_pattern, name, config.lora_alpha),
+                    lora_dropout=config.lora_dropout,
+                    init_lora_weights=config.init_lora_weights,
+                    use_rslora=config.use_rslora,
+                )
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from err
+            if existing is None:
+                replace_module(model, name, layer)
+            done.append((name, existing, base))
+    except BaseException:
+        _take_back(model, done, adapter_name)
+        raise
     return names
+
+
+def _take_back(model: nn.Module, done: list[tuple[str, LoraLayer | None, nn.Module]], adapter_name: str) -> None:
+    """Undo a partial ``attach``: drop the new adapter from layers that had others, put new layers' bases back."""
+    for name, existing, base in reversed(done):
+        if existing is not None:
+            existing.delete_adapter(adapter_name)
+        else:
+            replace_module(model, name, base)

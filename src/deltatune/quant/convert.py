@@ -69,7 +69,8 @@ def quantize_model(model: nn.Module, bits: int = 4, compute_dtype: torch.dtype |
 
     Raises:
         ValueError: for bits other than 4 or 8, an unknown quant_type, a name in ``modules`` that does not exist,
-            or one that names a layer that cannot be quantized (an Embedding, a Conv2d, ...); before any change.
+            one that names a layer that cannot be quantized (an Embedding, a Conv2d, ...), or a weight that holds
+            NaN or Inf (naming its layer); before any change.
     """
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
@@ -87,9 +88,9 @@ def quantize_model(model: nn.Module, bits: int = 4, compute_dtype: torch.dtype |
     else:
         head = _output_head(model)
         chosen = [n for n, m in named.items() if n and _quantizable(m) and m is not head]
+    chosen = [name for name in chosen if not _matches(name, skip)]
+    _refuse_non_finite_layers(named, chosen)
     for name in chosen:
-        if _matches(name, skip):
-            continue
         layer = named[name]
         if bits == 4:
             new = Linear4bit.from_linear(layer, compute_dtype, blocksize, double_quant, quant_type)
@@ -97,6 +98,18 @@ def quantize_model(model: nn.Module, bits: int = 4, compute_dtype: torch.dtype |
             new = Linear8bit.from_linear(layer, compute_dtype)
         replace_module(model, name, new)
     return model
+
+
+@torch.no_grad()
+def _refuse_non_finite_layers(named: dict[str, nn.Module], chosen: list[str]) -> None:
+    """One ``isfinite`` pass per weight before any layer is replaced, so a damaged weight leaves the model as it
+    was and the error names every such layer (the quantizers would refuse it too, but midway through the model)."""
+    weights = {name: _float_weight(named[name]) for name in chosen}
+    bad = [name for name, w in weights.items() if not w.is_meta and not bool(torch.isfinite(w).all())]
+    if bad:
+        raise ValueError(f"cannot quantize: the weights of {bad} hold NaN or Inf values (a damaged checkpoint, or "
+                         "training that diverged); quantizing would make these layers output NaN. Nothing was "
+                         "changed.")
 
 
 @torch.no_grad()

@@ -92,8 +92,11 @@ def iter_gguf(path: str | Path, model: nn.Module, config: dict) -> Iterator[tupl
         read_field,
     )
 
-    reader = GGUFReader(path)
-    architecture = read_field(reader, "general.architecture")[0]
+    try:
+        reader = GGUFReader(path)
+        architecture = read_field(reader, "general.architecture")[0]
+    except Exception as err:  # gguf-py fails on a cut header with numpy, struct or index errors
+        raise unreadable_gguf(path, err) from err
     processor_class = TENSOR_PROCESSORS.get(architecture, TensorProcessor)
     if processor_class not in (TensorProcessor, LlamaTensorProcessor):
         raise NotImplementedError(f"{path}: GGUF architecture {architecture!r} needs tensor processing "
@@ -126,6 +129,27 @@ def iter_gguf(path: str | Path, model: nn.Module, config: dict) -> Iterator[tupl
     return stream()
 
 
+def unreadable_gguf(path: str | Path, err: Exception) -> ValueError:
+    """One clear error, naming the file, for a GGUF file whose header cannot be parsed (cut short or damaged)."""
+    return ValueError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err}). A file cut short (an "
+                      "interrupted download or copy) or damaged fails like this; get it again.")
+
+
+def _read_config(path: Path) -> Any:
+    """transformers' config from the GGUF metadata; a header it cannot parse is :func:`unreadable_gguf`, while its
+    own clear refusals (an architecture it does not support) pass through as they are."""
+    from transformers import AutoConfig  # heavy; only here
+
+    try:
+        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    except (ValueError, NotImplementedError) as err:
+        if "architecture" in str(err):
+            raise
+        raise unreadable_gguf(path, err) from err
+    except Exception as err:  # struct.error, IndexError, ... from a cut header
+        raise unreadable_gguf(path, err) from err
+
+
 def load_gguf_quantized(path: str | Path, bits: int = 4, compute_dtype: torch.dtype | None = None,
                         blocksize: int = 64, double_quant: bool = True, skip_modules: Iterable[str] | None = None,
                         dtype: torch.dtype | None = None, quant_type: str = "nf4") -> nn.Module:
@@ -143,14 +167,15 @@ def load_gguf_quantized(path: str | Path, bits: int = 4, compute_dtype: torch.dt
     Raises:
         FileNotFoundError: no such file.
         NotImplementedError: an architecture whose GGUF tensors need processing this loader does not do.
-        ValueError: a tensor whose shape disagrees with the model, or model tensors the file lacks.
+        ValueError: a file that is cut short or damaged (one line naming it), a tensor whose shape disagrees with
+            the model, a weight holding NaN or Inf (named), or model tensors the file lacks.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM  # heavy; only here
+    from transformers import AutoModelForCausalLM  # heavy; only here
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no GGUF file at {path}")
-    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    config = _read_config(path)
     with torch.device("meta"):  # no float weight is ever allocated, nor randomly initialized
         model = AutoModelForCausalLM.from_config(config)
     gguf_tensors = iter_gguf(path, model, config.to_dict())  # maps names off the float model: before quantizing

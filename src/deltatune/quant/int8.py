@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .nf4 import _device_only
+from .nf4 import _device_only, refuse_non_finite
 
 _INV_127 = 7.874015718698502e-3  # bitsandbytes multiplies by this instead of dividing by 127
 
@@ -62,7 +62,7 @@ def quantize_int8(weight: torch.Tensor) -> Int8Weight:
         (an all-zero row gets codes 0 where bitsandbytes would divide by zero).
 
     Raises:
-        ValueError: for a tensor that is not 2-D float, or is empty or on the meta device.
+        ValueError: for a tensor that is not 2-D float, is empty or on the meta device, or holds NaN or Inf.
     """
     if weight.dim() != 2 or weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"int8 quantizes 2-D fp32/fp16/bf16 weights, got {weight.dtype} {tuple(weight.shape)}")
@@ -71,5 +71,6 @@ def quantize_int8(weight: torch.Tensor) -> Int8Weight:
     with torch.no_grad():
         w = weight.detach()
         scale = w.abs().amax(dim=1).float()
+        refuse_non_finite(scale, w, "int8")
         codes = torch.round(w * (127.0 / scale).unsqueeze(1)).nan_to_num_(0.0).to(torch.int8)
     return Int8Weight(codes, scale, weight.dtype)

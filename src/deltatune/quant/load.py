@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torch import nn
@@ -55,10 +57,8 @@ def iter_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     then the raw little-endian data. Nothing is unpickled.
     """
     with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
-        header.pop("__metadata__", None)
-        base = 8 + header_len
+        header = _read_header(f, path)
+        base = f.tell()  # 8 + the header's length
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             if info["dtype"] not in _DTYPES:
                 raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
@@ -70,6 +70,22 @@ def iter_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
             raw = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
             yield name, raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
             del buf, raw  # before the next read: never two float tensors in memory at once
+
+
+def _read_header(f: BinaryIO, path: str | Path) -> dict:
+    """The JSON header of a safetensors file, or one error naming the file when it is cut short or damaged."""
+    size = os.fstat(f.fileno()).st_size
+    try:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > size - 8:
+            raise ValueError(f"the header claims {header_len} bytes, the file has {size}")
+        header = json.loads(f.read(header_len))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+    except (struct.error, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path}: not a readable safetensors file ({err}); it may be cut short or damaged.") from err
+    header.pop("__metadata__", None)
+    return header
 
 
 def _materialize_computed_buffers(model: nn.Module) -> None:
@@ -104,11 +120,14 @@ def _place(model: nn.Module, key: str, tensor: torch.Tensor, transposed: set[str
         if tuple(tensor.shape) != tuple(module.weight.shape):
             raise ValueError(f"{key}: checkpoint shape {tuple(tensor.shape)}, model expects "
                              f"{tuple(module.weight.shape)}")
-        if isinstance(module, Linear4bit):
-            shell = module.weight
-            module.weight = quantize_4bit(tensor, shell.blocksize, shell.double_quant, shell.quant_type)
-        else:
-            module.weight = quantize_int8(tensor)
+        try:
+            if isinstance(module, Linear4bit):
+                shell = module.weight
+                module.weight = quantize_4bit(tensor, shell.blocksize, shell.double_quant, shell.quant_type)
+            else:
+                module.weight = quantize_int8(tensor)
+        except ValueError as err:  # e.g. NaN/Inf in the weight: say which tensor
+            raise ValueError(f"{key}: {err}") from err
         return True
     slot = module._parameters if attr in module._parameters else module._buffers if attr in module._buffers else None
     if slot is None:
@@ -117,6 +136,9 @@ def _place(model: nn.Module, key: str, tensor: torch.Tensor, transposed: set[str
     if old is not None and tuple(old.shape) != tuple(tensor.shape):
         raise ValueError(f"{key}: checkpoint shape {tuple(tensor.shape)}, model expects {tuple(old.shape)}")
     if isinstance(old, nn.Parameter):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):  # once per tensor, at load time
+            raise ValueError(f"{key}: {int((~torch.isfinite(tensor)).sum())} values are NaN or Inf; the checkpoint "
+                             "is damaged (or the training that made it diverged), so the model would output NaN.")
         slot[attr] = nn.Parameter(tensor, requires_grad=old.requires_grad and tensor.is_floating_point())
     else:
         slot[attr] = tensor
@@ -141,7 +163,8 @@ def load_quantized(path: str | Path, bits: int = 4, compute_dtype: torch.dtype |
 
     Raises:
         FileNotFoundError: no config or no safetensors file.
-        ValueError: a tensor whose shape disagrees with the model, or model tensors the checkpoint lacks.
+        ValueError: a tensor whose shape disagrees with the model, a weight holding NaN or Inf (named), or model
+            tensors the checkpoint lacks.
     """
     from transformers import AutoConfig, AutoModelForCausalLM  # heavy; only here
 

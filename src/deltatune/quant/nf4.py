@@ -422,6 +422,26 @@ def _compute_scales(steps: tuple) -> torch.Tensor:
     return out.add_(offset)
 
 
+def refuse_non_finite(stats: torch.Tensor, weight: torch.Tensor, what: str) -> None:
+    """Raise when a weight holds NaN or Inf, seen in its per-block (or per-row) absmax ``stats``.
+
+    An absmax is NaN or Inf exactly when its block holds one, so checking the few absmax values costs nothing;
+    the weight itself is searched only to name the place in the error. bitsandbytes quantizes such a weight
+    without a word (NaN spreads through double quantization to the whole tensor); a model that computes NaN
+    is never what was wanted.
+
+    Raises:
+        ValueError: saying how many values are not finite and where the first one is.
+    """
+    if bool(torch.isfinite(stats).all()):
+        return
+    bad = ~torch.isfinite(weight.detach())
+    first = tuple(int(i) for i in bad.nonzero()[0]) if bad.any() else ()
+    raise ValueError(f"cannot quantize a weight of shape {tuple(weight.shape)} to {what}: {int(bad.sum())} of its "
+                     f"values are NaN or Inf (the first at index {first}). The checkpoint is damaged or the "
+                     "training that made it diverged; quantizing would make the layer output NaN.")
+
+
 def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> Weight4bit:
     """Quantize a float tensor of any shape to NF4 (QLoRA, section 3).
 
@@ -436,7 +456,8 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
         ``bitsandbytes.functional.quantize_4bit(weight, blocksize, compress_statistics, quant_type="nf4")`` gives.
 
     Raises:
-        ValueError: for a non-float or empty tensor, a meta tensor, or a blocksize that is not a power of two >= 2.
+        ValueError: for a non-float or empty tensor, a meta tensor, a blocksize that is not a power of two >= 2,
+            or a weight holding NaN or Inf.
     """
     return quantize_4bit(weight, blocksize, double_quant, "nf4")
 
@@ -458,6 +479,7 @@ def quantize_4bit(weight: torch.Tensor, blocksize: int = 64, double_quant: bool 
         raise ValueError(f"blocksize must be a power of two >= 2, got {blocksize}")
     with torch.no_grad():
         packed, absmax = _quantize_4bit_codes(weight.detach().reshape(-1), blocksize, quant_type)
+        refuse_non_finite(absmax, weight, quant_type.upper())
         if not double_quant:
             return Weight4bit(packed, absmax, weight.shape, weight.dtype, blocksize, quant_type=quant_type)
         offset = absmax.mean()
