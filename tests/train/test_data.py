@@ -25,10 +25,104 @@ def test_jsonl_csv_parquet_and_json_read_the_same_rows(tmp_path):
     pd.DataFrame(rows).to_csv(tmp_path / "a.csv", index=False)
     pd.DataFrame(rows).to_parquet(tmp_path / "a.parquet")
     (tmp_path / "a.json").write_text(json.dumps(rows))
-    for name in ("a.jsonl", "a.json", "a.parquet"):
+    for name in ("a.jsonl", "a.json", "a.parquet", "a.csv"):  # an empty CSV cell is "", as in the other files
         assert D.read_rows(str(tmp_path / name)) == rows
-    csv_rows = D.read_rows(str(tmp_path / "a.csv"))  # CSV gives None for an empty cell
-    assert [r["output"] for r in csv_rows] == [r["output"] for r in rows]
+
+
+# answers a type-guessing loader turns into dates, numbers, booleans or missing values
+TRICKY_TEXT = ["2024-05-01", "42", "true", "007", "1e3", "null", "NaN", "", " padded ", 'say "hi", then\nleave']
+
+
+def write_data(path, rows: list[dict]) -> str:
+    """``rows`` as a JSONL, CSV (every cell quoted as the csv module does) or Parquet (string columns) file."""
+    import csv
+
+    import pandas as pd
+
+    path = str(path)
+    if path.endswith(".jsonl"):
+        return write_jsonl(path, rows)
+    if path.endswith(".csv"):
+        with open(path, "w", encoding="utf-8", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        return path
+    pd.DataFrame(rows, dtype=str).to_parquet(path)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+@pytest.mark.parametrize("value", TRICKY_TEXT)
+def test_text_fields_stay_text_exactly_as_written(tmp_path, tok, suffix, value):
+    """A column of dates, digits, "true", "null" or "NaN" is still the text the file holds, byte for byte."""
+    rows = [{"instruction": value or "q", "input": value, "output": value}] * 2
+    path = write_data(tmp_path / f"d{suffix}", rows)
+    read = D.read_rows(path)
+    assert read == rows
+    assert all(type(v) is str for row in read for v in row.values())
+    assert D.to_examples(read, "alpaca", tok, path)[0].reference == value
+
+
+def test_csv_cells_are_strings_and_short_rows_lack_the_cells(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("instruction,input,output,id\nq,,0042,7\n\nr,NA\n", encoding="utf-8")
+    assert D.read_rows(str(path)) == [{"instruction": "q", "input": "", "output": "0042", "id": "7"},
+                                      {"instruction": "r", "input": "NA", "output": None, "id": None}]
+    path.write_text("instruction,output\nq,a,b\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"d\.csv, row 1 \(line 2\): 3 cells but the header names 2 columns"):
+        D.read_rows(str(path))
+
+
+def test_rows_get_every_column_of_the_file(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "a", "output": "b"},
+                                              {"instruction": "c", "input": "d", "output": "e"}])
+    assert D.read_rows(str(path)) == [{"instruction": "a", "output": "b", "input": None},
+                                      {"instruction": "c", "output": "e", "input": "d"}]
+
+
+@pytest.mark.parametrize(("lines", "message"), [
+    (['{"instruction": "a", "output": "b"}', "", '{"instruction": "a", "output": 42}'],
+     r"d\.jsonl, line 3: field 'output' is the number 42, not text; write it in quotes"),
+    (['{"instruction": "a", "input": true, "output": "b"}'], r"line 1: field 'input' is the boolean true"),
+    (['{"text": 1e3}'], r"line 1: field 'text' is the number 1000\.0"),
+    (['{"instruction": "a", "output": -0.5}'], r"line 1: field 'output' is the number -0\.5"),
+    (['{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 7}]}'],
+     r"line 1: field 'messages\[2\]\.content' is the number 7"),
+    (['{"messages": [{"role": false, "content": "hi"}]}'], r"line 1: field 'messages\[1\]\.role' is the boolean false"),
+])
+def test_json_numbers_and_booleans_in_text_fields_are_refused_with_the_line(tmp_path, lines, message):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=message):
+        D.read_rows(str(path))
+
+
+def test_non_text_in_json_list_and_parquet_is_refused_with_the_row(tmp_path):
+    import pandas as pd
+
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "a", "output": False}]))
+    with pytest.raises(ValueError, match=r"d\.json, row 2: field 'output' is the boolean false, not text"):
+        D.read_rows(str(path))
+    pd.DataFrame({"instruction": ["a", "b"], "output": [1, 42]}).to_parquet(tmp_path / "d.parquet")
+    with pytest.raises(ValueError, match=r"d\.parquet, row 1: field 'output' is the number 1, not text; "
+                                         r"store that column as strings"):
+        D.read_rows(str(tmp_path / "d.parquet"))
+    pd.DataFrame({"text": ["a", "b"], "score": [1, 2]}).to_parquet(tmp_path / "e.parquet")
+    assert D.read_rows(str(tmp_path / "e.parquet")) == [{"text": "a", "score": 1}, {"text": "b", "score": 2}]
+
+
+def test_parquet_null_and_nan_are_missing_values(tmp_path, tok):
+    """pandas stores an all-empty column as float NaN: that is "no input", as JSON null is."""
+    import pandas as pd
+
+    path = str(tmp_path / "d.parquet")
+    pd.DataFrame({"instruction": ["a", "b"], "input": [float("nan")] * 2, "output": ["x", None]}).to_parquet(path)
+    rows = D.read_rows(path)
+    assert D.to_examples(rows[:1], "alpaca", tok, path)[0].reference == "x"
+    with pytest.raises(ValueError, match=r"d\.parquet, row 2: field 'output' is missing or empty"):
+        D.to_examples(rows, "alpaca", tok, path)
 
 
 def test_format_is_guessed_from_columns():

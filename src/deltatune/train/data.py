@@ -1,7 +1,9 @@
 """User data -> (prompt, response) pairs -> token ids with the prompt masked out of the loss.
 
-Files are JSONL, JSON, CSV or Parquet, read through the ``datasets`` library (offline). Three
-formats, guessed from the columns unless given:
+Files are JSONL, JSON, CSV or Parquet. Text fields stay text exactly as the file writes them (no
+date, number or boolean guessing: an answer "007" is learned as "007"), so JSON and CSV are read
+with the standard library and Parquet, which stores its column types, through ``datasets``
+(offline). Three formats, guessed from the columns unless given:
 
 - alpaca: ``instruction``, optional ``input``, ``output``. Rendered through the tokenizer's chat
   template when it has one (so ``deltatune chat`` talks to the model the way it was trained),
@@ -16,6 +18,8 @@ JSONL) and the fields expected.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import random
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 IGNORE_INDEX = -100  # labels at prompt positions: the loss skips them
+TEXT_FIELDS = ("instruction", "input", "output", "text")  # plus messages[].role/content
 REQUIRED = {"alpaca": ("instruction", "output"), "chat": ("messages",), "text": ("text",)}
 ALPACA_PROMPT = "Below is an instruction that describes a task. Write a response that completes it.\n\n" \
                 "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
@@ -48,45 +53,57 @@ class Tokenized:
 
 
 def read_rows(path: str) -> list[dict[str, Any]]:
-    """Read a data file into a list of dicts, through ``datasets`` (offline, no download).
+    """Read a data file into a list of dicts, every text field exactly as the file writes it.
+
+    JSONL/JSON go through the ``json`` module and CSV through the ``csv`` module (every cell a
+    string, an empty cell ""), because a loader that infers column types turns an answer such as
+    "2024-05-01", "42" or "true" into a date, a number or a boolean. Parquet files carry their own
+    column types and are read through ``datasets`` (offline). A text field (instruction, input,
+    output, text, messages[].role/content) that holds a number, boolean or other non-text value is
+    refused rather than converted, since no conversion gives back what was meant ("007", "1e3").
+    JSON ``null`` and a Parquet null or NaN are a missing field.
 
     Raises:
-        ValueError: empty file, unreadable JSON (with the line), or a file ``datasets`` cannot parse.
+        ValueError: empty file, unreadable JSON or CSV (with the line), a text field that is not
+            text (with the row, the line for JSONL), or a Parquet file ``datasets`` cannot parse.
     """
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     if os.path.getsize(path) == 0:
         raise ValueError(f"{path} is empty; expected at least one row.")
     suffix = os.path.splitext(path)[1].lower()
-    if suffix in (".jsonl", ".json"):
-        _check_json_syntax(path, suffix)
-    import datasets
-
-    datasets.disable_progress_bars()
-    builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}[suffix]
-    try:
-        table = datasets.load_dataset(builder, data_files=path, split="train")
-    except Exception as err:  # datasets raises many types; the user needs the file name and the cause
-        raise ValueError(f"{path} could not be read as {builder.upper()}: {err}") from err
-    rows = table.to_list()
-    if not rows:
+    readers = {".jsonl": _read_json, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+    if suffix not in readers:
+        raise ValueError(f"{path} has an unsupported suffix; expected one of {', '.join(readers)}.")
+    located = readers[suffix](path)
+    if not located:
         raise ValueError(f"{path} holds no rows; expected at least one.")
-    return rows
+    for where, row in located:
+        _check_text_fields(row, f"{path}, {where}", suffix)
+    return _fill_columns([row for _, row in located])
 
 
-def _check_json_syntax(path: str, suffix: str) -> None:
-    """datasets' JSON errors do not say where; find the bad line ourselves."""
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
+def _read_text(path: str, kind: str) -> str:
+    try:
+        with open(path, encoding="utf-8-sig") as fh:
+            return fh.read()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} could not be read as {kind}: it is not UTF-8 text ({err.reason} at byte "
+                         f"{err.start}); save it as UTF-8.") from err
+
+
+def _read_json(path: str) -> list[tuple[str, dict[str, Any]]]:
+    """JSON rows with where each came from: "line N" for JSONL, "row N" for a JSON list."""
+    text = _read_text(path, "JSON")
     if not text.strip():
         raise ValueError(f"{path} is empty; expected at least one row.")
-    if suffix == ".json" or text.lstrip().startswith("["):
+    if path.lower().endswith(".json") or text.lstrip().startswith("["):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}, line {err.lineno}: unreadable JSON ({err.msg}).") from err
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise ValueError(f"{path}: expected a JSON list of objects (one object per row).")
-        return
+        return [(f"row {number}", row) for number, row in enumerate(data, start=1)]
+    located = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -96,6 +113,82 @@ def _check_json_syntax(path: str, suffix: str) -> None:
             raise ValueError(f"{path}, line {lineno}: unreadable JSON ({err.msg}).") from err
         if not isinstance(obj, dict):
             raise ValueError(f"{path}, line {lineno}: expected a JSON object per line, got {type(obj).__name__}.")
+        located.append((f"line {lineno}", obj))
+    return located
+
+
+def _read_csv(path: str) -> list[tuple[str, dict[str, Any]]]:
+    """CSV rows, every cell a string exactly as written ("" when empty); a cell past a short row's end is None."""
+    reader = csv.reader(io.StringIO(_read_text(path, "CSV"), newline=""))
+    try:
+        header = next(reader, None)
+        if not header:
+            raise ValueError(f"{path}: the first line must name the columns; it is empty.")
+        repeated = sorted({name for name in header if header.count(name) > 1})
+        if repeated:
+            raise ValueError(f"{path}: column(s) {repeated} appear more than once in the header; rename them.")
+        located = []
+        for cells in reader:
+            if not cells:  # a blank line
+                continue
+            number = len(located) + 1
+            if len(cells) > len(header):
+                raise ValueError(f"{path}, row {number} (line {reader.line_num}): {len(cells)} cells but the "
+                                 f"header names {len(header)} columns; quote cells that contain commas.")
+            cells = cells + [None] * (len(header) - len(cells))
+            located.append((f"row {number}", dict(zip(header, cells, strict=True))))
+    except csv.Error as err:
+        raise ValueError(f"{path}, line {reader.line_num}: unreadable CSV ({err}).") from err
+    return located
+
+
+def _read_parquet(path: str) -> list[tuple[str, dict[str, Any]]]:
+    """Parquet rows through ``datasets``; the file's own column types are kept (checked afterwards)."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        table = datasets.load_dataset("parquet", data_files=path, split="train")
+    except Exception as err:  # datasets raises many types; the user needs the file name and the cause
+        raise ValueError(f"{path} could not be read as PARQUET: {err}") from err
+    return [(f"row {number}", row) for number, row in enumerate(table.to_list(), start=1)]
+
+
+def _check_text_fields(row: dict[str, Any], where: str, suffix: str) -> None:
+    """Refuse a non-text value in a text field: converting 42 or true back to text can only guess what was meant."""
+    values = [(key, row.get(key)) for key in TEXT_FIELDS]
+    messages = row.get("messages")
+    if isinstance(messages, list):
+        for number, turn in enumerate(messages, start=1):
+            if isinstance(turn, dict):
+                values += [(f"messages[{number}].{key}", turn.get(key)) for key in ("role", "content")]
+    for key, value in values:
+        if not _is_missing(value) and not isinstance(value, str):
+            fix = "store that column as strings" if suffix == ".parquet" else "write it in quotes, as a JSON string"
+            raise ValueError(f"{where}: field {key!r} is {_describe(value)}, not text; {fix} "
+                             f"(text fields are learned exactly as written).")
+
+
+def _is_missing(value: Any) -> bool:
+    """None (JSON null, a Parquet null) or NaN (how pandas writes an empty cell to Parquet): no value."""
+    return value is None or (isinstance(value, float) and value != value)
+
+
+def _describe(value: Any) -> str:
+    """How a non-text value reads in an error: "the number 42", "the boolean true"."""
+    if isinstance(value, bool):
+        return f"the boolean {json.dumps(value)}"
+    if isinstance(value, int | float):
+        return f"the number {json.dumps(value)}"
+    shown = repr(value)
+    return f"a {type(value).__name__} ({shown[:40]}{'...' if len(shown) > 40 else ''})"
+
+
+def _fill_columns(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Give every row every column (None where it has none), so the first row shows all of the file's columns."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    return [{key: row.get(key) for key in columns} for row in rows]
 
 
 def detect_format(rows: list[dict[str, Any]], source: str, fmt: str | None = None) -> str:
@@ -139,7 +232,7 @@ def to_examples(rows: list[dict[str, Any]], fmt: str, tokenizer: Any, source: st
 
 def _field(row: dict[str, Any], key: str, required: bool = True) -> str:
     value = row.get(key)
-    if value is None or (isinstance(value, float) and value != value):  # missing, or NaN from a CSV
+    if _is_missing(value):
         if required:
             raise ValueError(f"field {key!r} is missing or empty")
         return ""

@@ -1,7 +1,8 @@
 """Using a trained adapter: load it on its base model, generate, chat, score a file, merge.
 
 The base model is found from the adapter's ``base_model_name_or_path`` (``train`` records the
-folder or GGUF file it used) unless ``--model`` says otherwise.
+folder or GGUF file it used, or for the bundled SmolLM2 the hub id it was converted from, which
+resolves back to the bundled file offline) unless ``--model`` says otherwise.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 
 from ..config import CONFIG_NAME
-from ..formats.models import load_model, load_tokenizer, resolve_model, save_full_model
+from ..formats.models import ModelSource, is_default_model, load_model, load_tokenizer, resolve_model, save_full_model
 from ..model import PeftModel
 from . import data as datamod
 from .evaluate import EvalResult, evaluate
@@ -35,9 +36,25 @@ def base_model_of(adapter: str, model: str | None = None) -> str | None:
         return json.load(fh).get("base_model_name_or_path")
 
 
+def base_source(adapter: str, model: str | None = None) -> ModelSource:
+    """Where the base model of ``adapter`` is on this machine (``model`` overrides what the adapter records).
+
+    Raises:
+        FileNotFoundError: ``adapter`` is not an adapter folder, or the base it records (a hub id
+            other than the bundled SmolLM2's, or a path from another machine) is not here.
+    """
+    name = base_model_of(adapter, model)
+    if model is None and name is not None and not is_default_model(name) \
+            and not os.path.exists(os.path.expanduser(name)):
+        raise FileNotFoundError(f"the base model of {adapter!r} ({name!r}, its base_model_name_or_path) is not a "
+                                "folder or .gguf file on this machine, and deltatune downloads nothing; pass "
+                                "--model PATH (an HF model folder or a .gguf file).")
+    return resolve_model(name)
+
+
 def load_adapted(adapter: str, model: str | None = None, tokenizer: Any = None) -> tuple[PeftModel, Any]:
     """Base model + adapter, frozen, in eval mode, and the tokenizer (``tokenizer`` if given: the base's)."""
-    source = resolve_model(base_model_of(adapter, model))
+    source = base_source(adapter, model)
     # an adapter that learned beside a quantized base gets that base rebuilt the same way
     base, tokenizer = load_model(source, quantize=read_run_info(adapter).get("quantize"), tokenizer=tokenizer)
     return PeftModel.from_pretrained(base, adapter, is_trainable=False), tokenizer
@@ -100,7 +117,7 @@ def evaluate_file(adapter: str, data: str, model: str | None = None, data_format
     Raises:
         FileNotFoundError / ValueError: bad adapter folder or data file, before the model loads.
     """
-    source = resolve_model(base_model_of(adapter, model))
+    source = base_source(adapter, model)
     raw_rows = datamod.read_rows(data)
     fmt = datamod.detect_format(raw_rows, data, data_format)
     tokenizer = load_tokenizer(source)

@@ -17,7 +17,7 @@ class RunSummary:
     """The numbers a run prints at the end, also written to run_summary.json."""
 
     output_dir: str
-    base_model: str
+    base_model: str  # the local folder or GGUF file trained on (adapter_config.json may record a hub id instead)
     data: str
     train_rows: int
     eval_rows: int

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from transformers import PrinterCallback
 
-from ..formats.models import load_model, load_tokenizer, resolve_model
+from ..formats.models import ModelSource, load_model, load_tokenizer, resolve_model
 from ..methods.lora import LoraConfig
-from ..model import get_peft_model
+from ..tasks import get_peft_model
 from . import data as datamod
 from .config import TrainConfig
 from .evaluate import default_max_new_tokens, evaluate
@@ -67,6 +67,11 @@ def prepare_data(config: TrainConfig, tokenizer: Any) -> PreparedData:
     return PreparedData(train, eval_examples, fmt, source)
 
 
+def _describe_base(source: ModelSource) -> str:
+    """The base model as the run prints it: the recorded name, and the local file when they differ."""
+    return source.path if source.name == source.path else f"{source.name} (from {source.path})"
+
+
 def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -78,10 +83,15 @@ def _set_threads(config: TrainConfig) -> None:
     torch.set_num_threads(threads)
 
 
-def lora_config(config: TrainConfig, base_path: str) -> LoraConfig:
+def lora_config(config: TrainConfig, base_name: str) -> LoraConfig:
+    """The adapter's config; ``base_name`` is what adapter_config.json records as the base model.
+
+    For the bundled SmolLM2 that is its hub id (``ModelSource.name``), which PEFT and vLLM can load
+    and deltatune maps back to the bundled file; the local file is in run_summary.json.
+    """
     return LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
                       target_modules=config.target_modules, task_type="CAUSAL_LM",
-                      base_model_name_or_path=base_path)
+                      base_model_name_or_path=base_name)
 
 
 def train(config: TrainConfig) -> RunSummary:
@@ -107,8 +117,9 @@ def train(config: TrainConfig) -> RunSummary:
     prepared = prepare_data(config, tokenizer)
     args = training_arguments(checkpoints, config, use_cpu=not torch.cuda.is_available())
     main = args.process_index == 0
-    _say(main, f"base model: {source.path}\ndata: {prepared.source} ({len(prepared.train.rows)} training rows, "
-               f"{len(prepared.eval_examples)} held-out, format {prepared.fmt})")
+    _say(main, f"base model: {_describe_base(source)}\ndata: {prepared.source} "
+               f"({len(prepared.train.rows)} training rows, {len(prepared.eval_examples)} held-out, "
+               f"format {prepared.fmt})")
     if prepared.train.truncated:
         _say(main, f"{prepared.train.truncated} training rows are longer than max_length={config.max_length}; cut.")
 
@@ -117,7 +128,7 @@ def train(config: TrainConfig) -> RunSummary:
         shutil.rmtree(checkpoints)
     torch.manual_seed(config.seed)  # the adapter's initial A matrices
     model, tokenizer = load_model(source, quantize=config.quantize, tokenizer=tokenizer)
-    peft_model = get_peft_model(model, lora_config(config, source.path))
+    peft_model = get_peft_model(model, lora_config(config, source.name))
     trainable, all_params = peft_model.get_nb_trainable_parameters()
     if main:
         peft_model.print_trainable_parameters()
