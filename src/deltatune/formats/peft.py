@@ -19,6 +19,7 @@ from torch import nn
 
 from ..adapter_layer import adapter_layers
 from ..config import PeftConfig, write_atomically
+from ..finite import all_finite
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
@@ -61,9 +62,9 @@ def adapter_tensors(
 
 
 def non_finite_keys(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """The keys whose (floating-point) tensor holds a NaN or an infinity; one ``isfinite`` pass per tensor."""
+    """The keys whose (floating-point) tensor holds a NaN or an infinity (one reduction per tensor)."""
     return [key for key, tensor in tensors.items()
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor.detach()).all())]
+            if not all_finite(tensor)]
 
 
 def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:

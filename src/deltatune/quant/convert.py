@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..adapter_layer import replace_module
+from ..finite import all_finite
 from ..targets import is_gpt2_conv1d
 from .int8 import quantize_int8
 from .linear import Linear4bit, Linear8bit, _float_weight
@@ -105,7 +106,7 @@ def _refuse_non_finite_layers(named: dict[str, nn.Module], chosen: list[str]) ->
     """One ``isfinite`` pass per weight before any layer is replaced, so a damaged weight leaves the model as it
     was and the error names every such layer (the quantizers would refuse it too, but midway through the model)."""
     weights = {name: _float_weight(named[name]) for name in chosen}
-    bad = [name for name, w in weights.items() if not w.is_meta and not bool(torch.isfinite(w).all())]
+    bad = [name for name, w in weights.items() if not all_finite(w)]
     if bad:
         raise ValueError(f"cannot quantize: the weights of {bad} hold NaN or Inf values (a damaged checkpoint, or "
                          "training that diverged); quantizing would make these layers output NaN. Nothing was "

@@ -22,6 +22,7 @@ from typing import BinaryIO
 import torch
 from torch import nn
 
+from ..finite import all_finite
 from ..targets import is_gpt2_conv1d
 from .convert import quantize_model
 from .int8 import quantize_int8
@@ -136,7 +137,7 @@ def _place(model: nn.Module, key: str, tensor: torch.Tensor, transposed: set[str
     if old is not None and tuple(old.shape) != tuple(tensor.shape):
         raise ValueError(f"{key}: checkpoint shape {tuple(tensor.shape)}, model expects {tuple(old.shape)}")
     if isinstance(old, nn.Parameter):
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):  # once per tensor, at load time
+        if not all_finite(tensor):  # once per tensor, at load time, without a tensor-sized temporary
             raise ValueError(f"{key}: {int((~torch.isfinite(tensor)).sum())} values are NaN or Inf; the checkpoint "
                              "is damaged (or the training that made it diverged), so the model would output NaN.")
         slot[attr] = nn.Parameter(tensor, requires_grad=old.requires_grad and tensor.is_floating_point())
