@@ -38,6 +38,7 @@ class PeftType(str, enum.Enum):
     """The method names as they appear in the "peft_type" key of adapter_config.json."""
 
     LORA = "LORA"
+    IA3 = "IA3"
 
 
 # hf_hub_download's options (and the older names PEFT still passes on): they choose what to download from the

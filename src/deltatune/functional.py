@@ -24,6 +24,8 @@ from .loading import check_adapter_name
 from .methods import method_for
 from .modules_to_save import wrap_modules_to_save
 
+# Where an adapter tensor's key starts after its module's name (LoRA, (IA)^3), for inject_adapter_in_model(state_dict=).
+ADAPTER_KEY_MARKERS = (".lora_", ".ia3_l")
 # Embedding names for save_embedding_layers="auto" (PEFT's EMBEDDING_LAYER_NAMES).
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
@@ -102,13 +104,15 @@ def set_peft_model_state_dict(
 
 
 def _targets_from_state_dict(state_dict: dict[str, torch.Tensor]) -> list[str]:
-    """Module names that hold LoRA tensors in a state dict (PEFT's ``state_dict=`` for inject_adapter_in_model)."""
+    """Module names that hold adapter tensors in a state dict (PEFT's ``state_dict=`` for inject_adapter_in_model)."""
     names = set()
     for key in state_dict:
-        if ".lora_" in key:
-            names.add(key.split(".lora_")[0].removeprefix("base_model.model."))
+        for marker in ADAPTER_KEY_MARKERS:
+            if marker in key:
+                names.add(key.split(marker)[0].removeprefix("base_model.model."))
     if not names:
-        raise ValueError("state_dict holds no LoRA tensors ('.lora_' in a key); cannot tell which modules to adapt.")
+        raise ValueError(f"state_dict holds no adapter tensors (a key with one of {list(ADAPTER_KEY_MARKERS)}); "
+                         "cannot tell which modules to adapt.")
     return sorted(names)
 
 

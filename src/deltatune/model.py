@@ -144,6 +144,10 @@ class PeftModel(nn.Module):
             raise TypeError(f"peft_config must be a config such as deltatune.LoraConfig, got {type(peft_config)!r}.")
         if peft_config.is_prompt_learning and self.peft_config:
             raise ValueError("Prompt-learning adapters cannot share a model with other adapters.")
+        types = {c.peft_type for c in self.peft_config.values()}
+        if types and types != {peft_config.peft_type}:  # PEFT's rule: one method per model
+            raise ValueError(f"Cannot combine adapters with different peft types: this model has {sorted(types)}, "
+                             f"the new one is {peft_config.peft_type!r}. Use another copy of the base model for it.")
         method = method_for(peft_config.peft_type)
         model = self.get_base_model()
         heads = TASK_HEADS.get(peft_config.task_type or "", ())
