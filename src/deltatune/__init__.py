@@ -15,6 +15,7 @@ from .auto import (
 from .config import PeftConfig, PeftType, TaskType
 from .functional import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from .integrations import install as _install_integrations
+from .methods.bottleneck import BottleneckConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
 from .model import PeftModel
@@ -43,6 +44,7 @@ __all__ = [
     "AutoPeftModelForSeq2SeqLM",
     "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification",
+    "BottleneckConfig",
     "IA3Config",
     "LoraConfig",
     "PeftConfig",

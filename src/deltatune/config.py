@@ -38,6 +38,7 @@ class PeftType(str, enum.Enum):
     """The method names as they appear in the "peft_type" key of adapter_config.json."""
 
     LORA = "LORA"
+    BOTTLENECK = "BOTTLENECK"
     IA3 = "IA3"
 
 

@@ -24,8 +24,8 @@ from .loading import check_adapter_name
 from .methods import method_for
 from .modules_to_save import wrap_modules_to_save
 
-# Where an adapter tensor's key starts after its module's name (LoRA, (IA)^3), for inject_adapter_in_model(state_dict=).
-ADAPTER_KEY_MARKERS = (".lora_", ".ia3_l")
+# Where an adapter tensor's key starts after its module's name (LoRA, (IA)^3, bottleneck): inject_adapter_in_model.
+ADAPTER_KEY_MARKERS = (".lora_", ".ia3_l", ".adapter_down.", ".adapter_up.")
 # Embedding names for save_embedding_layers="auto" (PEFT's EMBEDDING_LAYER_NAMES).
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 

@@ -174,7 +174,7 @@ class PeftModel(nn.Module):
     def _cast_adapter_to_base_dtype(self, adapter_name: str) -> None:
         """``autocast_adapter_dtype=False``: keep the adapter in the base layer's bf16/fp16 instead of fp32."""
         for _, layer in adapter_layers(self.get_base_model()):
-            dtype = getattr(getattr(layer.base_layer, "weight", None), "dtype", None)
+            dtype = next((p.dtype for p in layer.base_layer.parameters() if p.is_floating_point()), None)
             if dtype not in (torch.float16, torch.bfloat16):
                 continue
             for tensor in layer.adapter_state_dict(adapter_name).values():

@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 
 from ..config import PeftConfig
-from . import ia3, lora
+from . import bottleneck, ia3, lora
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class Method:
 
 METHODS: dict[str, Method] = {
     "LORA": Method(lora.LoraConfig, lora.attach),
+    "BOTTLENECK": Method(bottleneck.BottleneckConfig, bottleneck.attach),
     "IA3": Method(ia3.IA3Config, ia3.attach),
 }
 
