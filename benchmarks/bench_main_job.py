@@ -54,7 +54,7 @@ def main() -> int:
     parser.add_argument("--json", help="also write the result here")
     parser.add_argument("extra", nargs="*", help="extra flags for deltatune train (after --)")
     args = parser.parse_args()
-    command = [sys.executable, "-m", "deltatune", "train", "--output", args.output, *args.extra]
+    command = [sys.executable, "-m", "deltatune", "train", "--output", args.output, "--overwrite", *args.extra]
     os.makedirs(args.output, exist_ok=True)
     load_before = os.getloadavg()
     seconds, peak, code = measure(command, os.path.join(args.output, "bench_stdout.log"))

@@ -22,7 +22,8 @@ QUANTIZE_FLAGS = {"float": [], "nf4": ["--quantize", "nf4"], "fp4": ["--quantize
 
 def run_variant(name: str, root: str, extra: list[str]) -> dict[str, object]:
     output = os.path.join(root, name)
-    command = [sys.executable, "-m", "deltatune", "train", "--output", output, *QUANTIZE_FLAGS[name], *extra]
+    command = [sys.executable, "-m", "deltatune", "train", "--output", output, "--overwrite",
+               *QUANTIZE_FLAGS[name], *extra]
     start = time.perf_counter()
     with open(os.path.join(root, f"{name}.log"), "w", encoding="utf-8") as log:
         code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False).returncode

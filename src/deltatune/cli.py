@@ -1,14 +1,19 @@
 """The command line: a table from command name to one library function.
 
 ``deltatune train`` -> ``train.run.train``, ``generate``/``chat``/``evaluate``/``merge`` ->
-``train.infer``, ``inspect`` -> ``train.inspect``. This file only parses arguments and prints;
-errors the library raises (bad file, bad setting) are shown as one line and exit code 2.
+``train.infer``, ``inspect`` -> ``train.inspect``. This file only parses arguments and prints.
+
+Errors from bad input (a bad file, setting or folder: ``ValueError``, ``OSError`` and their kin, and
+running out of memory) are shown as one line, ``deltatune <command>: error: ...``, with exit code 2;
+``--debug`` (or the environment variable ``DELTATUNE_DEBUG=1``) shows the traceback instead. Anything
+else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +37,8 @@ TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--seed", {"type": int}),
     ("--output", {"help": "run folder (default: runs/default)"}),
     ("--resume", {"action": "store_true", "default": None, "help": "continue from the last checkpoint"}),
+    ("--overwrite", {"action": "store_true", "default": None,
+                     "help": "replace an adapter, model or earlier run's checkpoints already in --output"}),
     ("--eval-size", {"type": int, "help": "held-out examples scored before and after (0: none)"}),
     ("--max-new-tokens", {"type": int}),
     ("--save-steps", {"type": int}),
@@ -114,12 +121,13 @@ def _add_merge(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     parser.add_argument("--requantize", choices=["nf4", "fp4", "int8"],
                         help="also report the rounding error of quantizing the merged model again")
+    parser.add_argument("--overwrite", action="store_true", help="replace an adapter or model already in --output")
 
 
 def _run_merge(args: argparse.Namespace) -> int:
     from .train.infer import merge, requantize_report
 
-    print(f"merged model written to {merge(args.adapter, args.output, args.dtype, args.model)}")
+    print(f"merged model written to {merge(args.adapter, args.output, args.dtype, args.model, args.overwrite)}")
     if args.requantize:
         print(requantize_report(args.output, args.requantize))
     return 0
@@ -149,12 +157,28 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
 }
 
 
+# What bad input raises (a file, setting or folder the user gave, or a size that does not fit in memory):
+# shown as one line with exit code 2. Anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, MemoryError)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deltatune", description="Parameter-efficient fine-tuning (LoRA).")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (text, add, _) in COMMANDS.items():
-        add(commands.add_parser(name, help=text, description=text))
+        sub = commands.add_parser(name, help=text, description=text)
+        add(sub)
+        sub.add_argument("--debug", action="store_true",
+                         help="show the full traceback of an error (also: environment variable DELTATUNE_DEBUG=1)")
     return parser
+
+
+def error_line(err: BaseException) -> str:
+    """The one line an error is shown as: its message with line breaks folded, or what it was when it has none."""
+    text = " ".join(str(err).split())
+    if isinstance(err, MemoryError):
+        return f"out of memory{f' ({text})' if text else ''}; lower --r, --batch-size or --max-length."
+    return text or type(err).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,10 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         build_parser().print_help()
         return 1
+    debug = args.debug or os.environ.get("DELTATUNE_DEBUG", "") not in ("", "0")
     try:
         return COMMANDS[args.command][2](args)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"deltatune {args.command}: error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        print(f"deltatune {args.command}: error: {error_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import struct
 
 import pytest
 import torch
@@ -11,7 +13,13 @@ from transformers import AutoModelForCausalLM
 from deltatune import LoraConfig, get_peft_model
 from deltatune.formats import models
 from tests.conftest import perturb
-from tests.train.tiny import make_tiny_model_dir, tiny_tokenizer
+from tests.train.tiny import (
+    gguf_header_size,
+    gguf_tensor_offset,
+    make_tiny_model_dir,
+    tiny_tokenizer,
+    write_tiny_gguf,
+)
 
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the bundled GGUF was converted from
 
@@ -109,6 +117,81 @@ def test_tiny_tokenizer_round_trips_text():
     tokenizer = tiny_tokenizer()
     text = 'Order: {"name": "Zoë", "qty": 3}'
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+
+
+# ---- nothing non-finite in, nothing non-finite out, damaged files are one clear error ------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gguf")
+    return write_tiny_gguf(str(root / "tiny.gguf"), make_tiny_model_dir(str(root / "hf")))
+
+
+def test_tiny_gguf_loads_through_the_float_path(tiny_gguf):
+    model, tokenizer = models.load_model(models.resolve_model(tiny_gguf))
+    assert model.config.num_hidden_layers == 2 and model.dtype == torch.float32
+    assert tokenizer.decode(tokenizer("Say red")["input_ids"], skip_special_tokens=True) == "Say red"
+
+
+@pytest.mark.parametrize(("tensor", "key"), [("blk.1.attn_k.weight", "model.layers.1.self_attn.k_proj.weight"),
+                                             ("output_norm.weight", "model.norm.weight")])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_gguf_with_non_finite_tensor_data_is_refused_naming_the_tensor(tiny_gguf, tmp_path, tensor, key, bad):
+    """A damaged GGUF whose float data holds NaN/Inf used to load, and train to a NaN adapter with exit 0."""
+    with open(tiny_gguf, "rb") as fh:
+        data = bytearray(fh.read())
+    offset = gguf_tensor_offset(tiny_gguf, tensor) + 4 * 5  # the 6th float32 value
+    data[offset:offset + 4] = struct.pack("<f", bad)
+    damaged = tmp_path / "damaged.gguf"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"^{damaged}: the model's weights hold NaN or Inf in {key}; the file is "
+                                         "damaged"):
+        models.load_model(models.resolve_model(str(damaged)), tokenizer=tiny_tokenizer())
+
+
+def test_hf_folder_with_nan_weights_is_refused(tmp_path):
+    model_dir = make_tiny_model_dir(str(tmp_path / "base"))
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[2, 3] = math.nan
+    model.save_pretrained(model_dir)
+    with pytest.raises(ValueError, match=r"weights hold NaN or Inf in model\.layers\.0\.mlp\.up_proj\.weight"):
+        models.load_model(models.resolve_model(model_dir))
+
+
+def test_gguf_cut_inside_its_header_is_one_clear_error_on_the_float_path(tiny_gguf, tmp_path):
+    """Through transformers (tokenizer and model), not only deltatune's own 4-bit GGUF loader."""
+    with open(tiny_gguf, "rb") as fh:
+        whole = fh.read()
+    header = gguf_header_size(tiny_gguf)
+    for cut in (0, 3, 8, 20, header // 3, header // 2, header - 1):
+        path = tmp_path / f"cut{cut}.gguf"
+        path.write_bytes(whole[:cut])
+        source = models.resolve_model(str(path))
+        for load in (lambda s=source: models.load_tokenizer(s),
+                     lambda s=source: models.load_model(s, tokenizer=tiny_tokenizer())):
+            with pytest.raises(ValueError, match=rf"^{path}: not a readable GGUF file .*cut short") as info:
+                load()
+            assert "\n" not in str(info.value)
+
+
+def test_save_full_model_refuses_non_finite_weights_and_writes_nothing(tmp_path):
+    model_dir = make_tiny_model_dir(str(tmp_path / "base"))
+    model, tokenizer = models.load_model(models.resolve_model(model_dir))
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight[0, 0] = math.inf
+    out = tmp_path / "merged"
+    with pytest.raises(ValueError, match=r"holds NaN or Inf in 1 tensor\(s\) in float32 \(first: "
+                                         r"model\.layers\.1\.self_attn\.o_proj\.weight\), so nothing was written"):
+        models.save_full_model(model, tokenizer, str(out))
+    assert not out.exists()
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight[0, 0] = 1e5  # finite in float32, Inf in float16
+    with pytest.raises(ValueError, match="float16 overflows above 65504"):
+        models.save_full_model(model, tokenizer, str(out), dtype="float16")
+    assert not out.exists()
+    models.save_full_model(model, tokenizer, str(out), dtype="bfloat16")
+    assert sorted(n for n in os.listdir(out) if n.startswith(".")) == []  # no temporary file left behind
 
 
 @pytest.mark.slow

@@ -62,3 +62,67 @@ def alpaca_rows(n: int) -> list[dict]:
 
 def exists(path: str, *names: str) -> bool:
     return all(os.path.isfile(os.path.join(path, n)) for n in names)
+
+
+# llama.cpp's tensor names for the tiny Llama's weights (per block: blk.N.<name>)
+GGUF_BLOCK_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+                    "post_attention_layernorm": "ffn_norm"}
+
+
+def write_tiny_gguf(path: str, model_dir: str) -> str:
+    """The tiny Llama of ``model_dir`` as a float32 GGUF file (Llama metadata, the byte tokenizer); returns ``path``.
+
+    transformers loads it through its float path (``from_pretrained(..., gguf_file=...)``) in a fraction of
+    a second, so tests of GGUF loading need not load the 98 MB SmolLM2 file.
+    """
+    from gguf import GGUFWriter
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    config, tokenizer = model.config, tiny_tokenizer()
+    writer = GGUFWriter(path, "llama")
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_vocab_size(config.vocab_size)
+    tokens = [token for token, _ in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * len(tokens))
+    writer.add_token_scores([0.0] * len(tokens))
+    writer.add_token_merges([])
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    for i in range(config.num_hidden_layers):
+        names.update({f"model.layers.{i}.{hf}.weight": f"blk.{i}.{g}.weight" for hf, g in GGUF_BLOCK_NAMES.items()})
+    state = model.state_dict()
+    for hf_name, gguf_name in names.items():
+        writer.add_tensor(gguf_name, state[hf_name].float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def gguf_tensor_offset(path: str, name: str) -> int:
+    """Where tensor ``name``'s data starts in a GGUF file (to damage it on purpose)."""
+    from gguf import GGUFReader
+
+    return int(next(t for t in GGUFReader(path).tensors if t.name == name).data_offset)
+
+
+def gguf_header_size(path: str) -> int:
+    """Bytes before the first tensor's data: metadata and tensor infos (cutting inside it breaks the parse)."""
+    from gguf import GGUFReader
+
+    return int(min(t.data_offset for t in GGUFReader(path).tensors))

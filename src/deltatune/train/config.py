@@ -7,10 +7,13 @@ The dataclass is the single source of truth: the CLI flags are its fields (``--g
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
+from ..config import check_names, is_real_number
 from ..quant.convert import QUANTIZE_NAMES  # --quantize: storage of the frozen base
 
 FORMATS = ("alpaca", "chat", "text")
@@ -43,6 +46,8 @@ class TrainConfig:
         seed: seeds the model init of the adapter, the data order and the built-in task.
         output: run folder (adapter, log, loss curve, checkpoints); None = runs/default.
         resume: continue from the last checkpoint in ``output``.
+        overwrite: allow ``output`` to hold an adapter, a model or an earlier run's checkpoints, which the
+            run replaces (refused without it, so that no run destroys earlier work by accident).
         eval_size: held-out rows used for the before/after score (0 = no evaluation).
         max_new_tokens: generation length for exact match; None = longest reference + 8 tokens.
         save_steps: write a resumable checkpoint every this many steps.
@@ -72,6 +77,7 @@ class TrainConfig:
     seed: int = 0
     output: str | None = None
     resume: bool = False
+    overwrite: bool = False
     eval_size: int = 100
     max_new_tokens: int | None = None
     save_steps: int = 20
@@ -85,12 +91,15 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError / FileNotFoundError for a bad setting, naming it and what is expected."""
-        _positive_int("r", self.r)
-        _positive_int("batch_size", self.batch_size)
-        _positive_int("grad_accum", self.grad_accum)
-        _positive_int("save_steps", self.save_steps)
-        if not isinstance(self.lr, (int, float)) or self.lr <= 0:
+        """Raise ValueError / FileNotFoundError for a bad setting, naming it and what is expected.
+
+        Every check here is cheap and touches nothing on disk, so a bad value (a NaN learning rate, a
+        number written in quotes in the YAML file) stops the run before anything is loaded or removed.
+        """
+        self._check_types()
+        for name in ("r", "batch_size", "grad_accum", "save_steps"):
+            _positive_int(name, getattr(self, name))
+        if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}.")
@@ -99,22 +108,46 @@ class TrainConfig:
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ValueError(f"Give epochs > 0 or max_steps > 0 (got epochs={self.epochs}, "
                              f"max_steps={self.max_steps}).")
-        if not isinstance(self.max_length, int) or self.max_length < 8:
+        if self.max_length < 8:
             raise ValueError(f"max_length must be an integer >= 8, got {self.max_length!r}.")
         if self.eval_size < 0:
             raise ValueError(f"eval_size must be >= 0, got {self.eval_size!r}.")
-        if self.format is not None and self.format not in FORMATS:
-            raise ValueError(f"Unknown format {self.format!r}; expected one of {', '.join(FORMATS)}.")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"Unknown precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}.")
-        if self.quantize is not None and self.quantize not in QUANTIZE_NAMES:
-            raise ValueError(f"Unknown quantize {self.quantize!r}; expected {', '.join(QUANTIZE_NAMES)} or none.")
-        if self.method not in METHODS:
-            raise ValueError(f"Unknown method {self.method!r}; expected one of {', '.join(METHODS)}.")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be an integer from 0 to 2**32 - 1, got {self.seed!r}.")
+        for name in ("threads", "max_new_tokens"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
+        for name, allowed in (("format", FORMATS), ("precision", PRECISIONS), ("quantize", QUANTIZE_NAMES),
+                              ("method", METHODS)):
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                raise ValueError(f"Unknown {name} {value!r}; expected one of {', '.join(allowed)}"
+                                 f"{' or none' if name == 'quantize' else ''}.")
+        check_names("target_modules", self.target_modules)
         for key in ("data", "eval_data"):
             _check_data_path(key, getattr(self, key))
-        if self.output is not None and os.path.isfile(self.output):
-            raise ValueError(f"output {self.output!r} is a file; give a folder for the run.")
+        if self.output is not None:
+            _check_output_path(self.output)
+
+    def _check_types(self) -> None:
+        """Each setting has the type its field says; a YAML value in quotes ("16") is text, not a number."""
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), FIELD_KINDS[f.name]
+            if value is None and f.name in OPTIONAL:
+                continue
+            if kind == "int" and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ValueError(f"{f.name} must be an integer, got {_shown(value)}.")
+            if kind == "number" and not is_real_number(value):
+                raise ValueError(f"{f.name} must be a number, got {_shown(value)}.")
+            if kind == "number" and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value!r} (NaN and infinity make the "
+                                 "run's weights or length meaningless).")
+            if kind == "text" and not isinstance(value, str):
+                raise ValueError(f"{f.name} must be text, got {_shown(value)}.")
+            if kind == "text" and not value:
+                raise ValueError(f"{f.name} must not be empty; leave it out for the default.")
+            if kind == "bool" and not isinstance(value, bool):
+                raise ValueError(f"{f.name} must be true or false, got {_shown(value)}.")
 
     @property
     def use_bf16(self) -> bool:
@@ -132,9 +165,39 @@ class TrainConfig:
         return self.output or os.path.join("runs", "default")
 
 
+# How each setting is checked: its type (None is allowed for the OPTIONAL ones), ranges in validate().
+FIELD_KINDS = {
+    "model": "text", "data": "text", "eval_data": "text", "format": "text", "method": "text", "r": "int",
+    "alpha": "number", "dropout": "number", "target_modules": "names", "epochs": "number", "max_steps": "int",
+    "lr": "number", "batch_size": "int", "grad_accum": "int", "max_length": "int", "seed": "int", "output": "text",
+    "resume": "bool", "overwrite": "bool", "eval_size": "int", "max_new_tokens": "int", "save_steps": "int",
+    "threads": "int", "precision": "text", "quantize": "text",
+}
+OPTIONAL = frozenset({"model", "data", "eval_data", "format", "output", "max_new_tokens", "threads", "quantize"})
+
+
+def _shown(value: Any) -> str:
+    """A wrong value as an error shows it, with the fix for the usual cause: a number in quotes in the YAML file."""
+    if isinstance(value, str):
+        return f"the text {value!r} (in a YAML file, write numbers and true/false without quotes)"
+    return f"{value!r} ({type(value).__name__})"
+
+
 def _positive_int(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def _check_output_path(output: str) -> None:
+    """The run folder must be (or be creatable as) a folder: not a file, and not under one."""
+    if os.path.isfile(output):
+        raise ValueError(f"output {output!r} is a file; give a folder for the run.")
+    parent = os.path.dirname(os.path.abspath(output))
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise ValueError(f"output {output!r} is under {parent!r}, which is a file, not a folder; choose another "
+                         "--output.")
 
 
 def _check_data_path(key: str, path: str | None) -> None:
@@ -162,20 +225,48 @@ def config_from_sources(yaml_path: str | None, overrides: dict[str, Any]) -> Tra
     values: dict[str, Any] = {}
     if yaml_path is not None:
         values.update(_read_yaml(yaml_path))
+    from_file = set(values) - {k for k, v in overrides.items() if v is not None}
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainConfig(**values)
+    try:
+        return TrainConfig(**values)
+    except (ValueError, FileNotFoundError) as err:  # a bad value from the file: say which file
+        message = str(err)
+        if any(message.startswith((f"{key} ", f"{key}=", f"Unknown {key} ")) for key in from_file):
+            raise type(err)(f"{yaml_path}: {message}") from err
+        raise
+
+
+# A plain (unquoted) YAML scalar such as 1e-3, 5e-4 or 2E-3 is a number to YAML 1.2 and to every reader of the
+# file, but PyYAML follows YAML 1.1, where a float needs a dot, and returns the text "1e-3". Quoted values stay text.
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+
+
+def _yaml_loader() -> type:
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """SafeLoader that also reads 1e-3 (no dot) as a float."""
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789."))
+    return Loader
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
     import yaml
 
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"config file {path!r} does not exist.")
+    if not os.path.isfile(path):
+        raise ValueError(f"config {path!r} is not a file; give a YAML file (key: value per line).")
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+            data = yaml.load(fh, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
-        raise ValueError(f"{path} is not valid YAML: {err}") from err
+        raise ValueError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from err
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8.") from err
+    except RecursionError as err:
+        raise ValueError(f"{path} is not valid YAML: it nests too deeply.") from err
     if data is None:
         return {}
     if not isinstance(data, dict):

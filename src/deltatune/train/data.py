@@ -96,10 +96,7 @@ def _read_json(path: str) -> list[tuple[str, dict[str, Any]]]:
     if not text.strip():
         raise ValueError(f"{path} is empty; expected at least one row.")
     if path.lower().endswith(".json") or text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}, line {err.lineno}: unreadable JSON ({err.msg}).") from err
+        data = _parse_json(text, path, 1)
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise ValueError(f"{path}: expected a JSON list of objects (one object per row).")
         return [(f"row {number}", row) for number, row in enumerate(data, start=1)]
@@ -107,14 +104,26 @@ def _read_json(path: str) -> list[tuple[str, dict[str, Any]]]:
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}, line {lineno}: unreadable JSON ({err.msg}).") from err
+        obj = _parse_json(line, path, lineno)
         if not isinstance(obj, dict):
             raise ValueError(f"{path}, line {lineno}: expected a JSON object per line, got {type(obj).__name__}.")
         located.append((f"line {lineno}", obj))
     return located
+
+
+def _parse_json(text: str, path: str, first_line: int) -> Any:
+    """``json.loads`` with every way it can fail as one error naming the file and the line.
+
+    Besides malformed JSON that is nesting deeper than Python's recursion limit (RecursionError) and an
+    integer with more digits than Python converts (ValueError).
+    """
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}, line {first_line + err.lineno - 1}: unreadable JSON ({err.msg}).") from err
+    except (ValueError, RecursionError) as err:
+        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err).split(";")[0]
+        raise ValueError(f"{path}, line {first_line}: unreadable JSON ({reason}).") from err
 
 
 def _read_csv(path: str) -> list[tuple[str, dict[str, Any]]]:

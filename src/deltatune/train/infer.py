@@ -7,17 +7,25 @@ resolves back to the bundled file offline) unless ``--model`` says otherwise.
 
 from __future__ import annotations
 
-import json
+import math
 import os
 from typing import Any
 
 import torch
 
-from ..config import CONFIG_NAME
-from ..formats.models import ModelSource, is_default_model, load_model, load_tokenizer, resolve_model, save_full_model
+from ..config import CONFIG_NAME, is_real_number, read_config_dict
+from ..formats.models import (
+    ModelSource,
+    is_default_model,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+    save_full_model,
+)
 from ..model import PeftModel
 from . import data as datamod
 from .evaluate import EvalResult, evaluate
+from .outputs import check_output
 from .report import read_run_info
 
 
@@ -26,14 +34,18 @@ def base_model_of(adapter: str, model: str | None = None) -> str | None:
 
     Raises:
         FileNotFoundError: ``adapter`` is not an adapter folder.
+        ValueError: its adapter_config.json is not a JSON object of a PEFT config (names the file).
     """
     config_path = os.path.join(adapter, CONFIG_NAME)
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{adapter!r} is not an adapter folder (no {CONFIG_NAME}).")
+    name = read_config_dict(adapter).get("base_model_name_or_path")
     if model is not None:
         return model
-    with open(config_path, encoding="utf-8") as fh:
-        return json.load(fh).get("base_model_name_or_path")
+    if name is not None and not isinstance(name, str):
+        raise ValueError(f"{config_path}: base_model_name_or_path={name!r} must be a path or hub id (text); "
+                         "fix it, or pass --model PATH.")
+    return name
 
 
 def base_source(adapter: str, model: str | None = None) -> ModelSource:
@@ -81,9 +93,23 @@ def reply(model: torch.nn.Module, tokenizer: Any, history: list[dict[str, str]],
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
+def check_generation(max_new_tokens: int | None, temperature: float = 0.0) -> None:
+    """Refuse generation settings before a model is loaded (a NaN temperature would silently mean greedy).
+
+    Raises:
+        ValueError: naming the flag and what it takes.
+    """
+    if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool)
+                                       or max_new_tokens < 1):
+        raise ValueError(f"--max-new-tokens must be a positive integer, got {max_new_tokens!r}.")
+    if not is_real_number(temperature) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}.")
+
+
 def generate(adapter: str, prompt: str, model: str | None = None, max_new_tokens: int = 128,
              temperature: float = 0.0) -> str:
     """One answer from base + adapter to ``prompt``."""
+    check_generation(max_new_tokens, temperature)
     peft_model, tokenizer = load_adapted(adapter, model)
     return reply(peft_model, tokenizer, [{"role": "user", "content": prompt}], max_new_tokens, temperature)
 
@@ -91,6 +117,7 @@ def generate(adapter: str, prompt: str, model: str | None = None, max_new_tokens
 def chat(adapter: str, model: str | None = None, max_new_tokens: int = 256, temperature: float = 0.0,
          read: Any = input, write: Any = print) -> None:
     """Interactive chat with base + adapter; an empty line, "exit" or Ctrl-D ends it."""
+    check_generation(max_new_tokens, temperature)
     peft_model, tokenizer = load_adapted(adapter, model)
     history: list[dict[str, str]] = []
     write("chatting with the adapted model; empty line or 'exit' to quit, '/reset' to forget the conversation")
@@ -117,6 +144,9 @@ def evaluate_file(adapter: str, data: str, model: str | None = None, data_format
     Raises:
         FileNotFoundError / ValueError: bad adapter folder or data file, before the model loads.
     """
+    check_generation(max_new_tokens)
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 8:
+        raise ValueError(f"--max-length must be an integer >= 8, got {max_length!r}.")
     source = base_source(adapter, model)
     raw_rows = datamod.read_rows(data)
     fmt = datamod.detect_format(raw_rows, data, data_format)
@@ -127,28 +157,38 @@ def evaluate_file(adapter: str, data: str, model: str | None = None, data_format
     return evaluate(peft_model, tokenizer, examples, rows, max_new_tokens=max_new_tokens)
 
 
-def merge(adapter: str, output: str, dtype: str = "float32", model: str | None = None) -> str:
+def merge(adapter: str, output: str, dtype: str = "float32", model: str | None = None,
+          overwrite: bool = False) -> str:
     """Fold the adapter into its base model and write a plain transformers model folder.
 
     The folder (model.safetensors, config.json, tokenizer) loads with
     ``AutoModelForCausalLM.from_pretrained(output)`` and generates what base + adapter generates.
+    Merging is safe: every layer's merged weight is checked for NaN/Inf before any is changed, and the
+    whole merged state dict once more before anything is written, so no NaN model ever reaches disk.
+
+    Args:
+        overwrite: allow ``output`` to hold an adapter or a model already (refused otherwise).
 
     Raises:
-        ValueError: unknown dtype or output is a file (checked before loading).
+        ValueError: unknown dtype; an output that is a file, cannot be written, holds an adapter or model
+            (without ``overwrite``), is the adapter folder or is in the base model's folder (all checked
+            before loading); a merge that would hold NaN/Inf (nothing is written).
     """
     from ..formats.models import DTYPES
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
-    if os.path.isfile(output):
-        raise ValueError(f"{output!r} is a file; merge needs a folder.")
+    source = base_source(adapter, model)
+    check_output(output, {source.directory: "the base model's folder"}, overwrite, command="merge")
+    if os.path.realpath(output) == os.path.realpath(adapter):
+        raise ValueError(f"--output {output!r} is the adapter folder; choose another folder for the merged model.")
     peft_model, tokenizer = load_adapted(adapter, model)
-    merged = peft_model.merge_and_unload()
+    merged = peft_model.merge_and_unload(safe_merge=True)
     from ..quant import dequantize_model
 
     dequantize_model(merged, torch.float32)  # a quantized base comes back as floats; never merged into codes
     merged.config.name_or_path = output
-    save_full_model(merged, tokenizer, output, dtype)
+    save_full_model(merged, tokenizer, output, dtype)  # checks every tensor for NaN/Inf before writing any file
     return output
 
 

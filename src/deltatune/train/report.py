@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from ..config import write_atomically
+from ..quant.convert import QUANTIZE_NAMES
 
 LOG_NAME = "train_log.jsonl"
 CURVE_NAME = "loss_curve.png"
@@ -33,19 +37,40 @@ class RunSummary:
     samples: list[dict[str, str]] = field(default_factory=list)
 
     def write(self) -> str:
+        """Write run_summary.json (strict JSON: a value that is not finite is null, never a made-up number)."""
         path = os.path.join(self.output_dir, SUMMARY_NAME)
-        with open(path, "w", encoding="utf-8") as fh:
-            json.dump(asdict(self), fh, indent=2)
+        _write_json(path, _finite_or_none(asdict(self)), indent=2)
         return path
 
 
 def write_log(log_history: list[dict[str, Any]], directory: str) -> str:
-    """One JSON object per logged step (loss, learning rate, grad norm, epoch)."""
+    """One JSON object per logged step (loss, learning rate, grad norm, epoch); NaN/Inf are written as null."""
     path = os.path.join(directory, LOG_NAME)
-    with open(path, "w", encoding="utf-8") as fh:
-        for entry in log_history:
-            fh.write(json.dumps(entry) + "\n")
+    text = "".join(json.dumps(_finite_or_none(entry), allow_nan=False) + "\n" for entry in log_history)
+    write_atomically(path, lambda tmp: _write_text(tmp, text))
     return path
+
+
+def _finite_or_none(value: Any) -> Any:
+    """``value`` with every NaN/Inf float replaced by None: JSON has no NaN, and 0 would be a lie."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_none(item) for item in value]
+    return value
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
+def _write_json(path: str, data: Any, **options: Any) -> None:
+    """Strict JSON written to a temporary file and renamed, so a crash never leaves a torn record."""
+    text = json.dumps(data, allow_nan=False, **options)
+    write_atomically(path, lambda tmp: _write_text(tmp, text))
 
 
 def plot_loss(log_history: list[dict[str, Any]], directory: str) -> str | None:
@@ -95,14 +120,31 @@ RUN_INFO_NAME = "deltatune_run.json"
 
 def write_run_info(output: str, fmt: str, max_new_tokens: int, quantize: str | None) -> None:
     """A record beside the adapter of how it was trained; loaders read ``quantize`` to rebuild the same base."""
-    with open(os.path.join(output, RUN_INFO_NAME), "w", encoding="utf-8") as fh:
-        json.dump({"format": fmt, "max_new_tokens": max_new_tokens, "quantize": quantize}, fh, indent=2)
+    _write_json(os.path.join(output, RUN_INFO_NAME),
+                {"format": fmt, "max_new_tokens": max_new_tokens, "quantize": quantize}, indent=2)
 
 
 def read_run_info(adapter: str) -> dict[str, Any]:
-    """What deltatune train recorded beside the adapter (empty for adapters from elsewhere)."""
+    """What deltatune train recorded beside the adapter (empty for adapters from elsewhere).
+
+    Raises:
+        ValueError: the file is not a JSON object with a known ``quantize`` (names the file and the fix).
+    """
     path = os.path.join(adapter, RUN_INFO_NAME)
     if not os.path.isfile(path):
         return {}
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            info = json.load(fh, parse_constant=_refuse_constant)
+    except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path} is not readable JSON ({' '.join(str(err).split())}); fix it or delete it "
+                         "(it only records how the adapter was trained).") from err
+    if not isinstance(info, dict):
+        raise ValueError(f"{path} must hold a JSON object, found {type(info).__name__}; fix it or delete it.")
+    if info.get("quantize") is not None and info["quantize"] not in QUANTIZE_NAMES:
+        raise ValueError(f"{path}: quantize={info['quantize']!r} is not one of {', '.join(QUANTIZE_NAMES)} or null.")
+    return info
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")

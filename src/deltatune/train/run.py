@@ -1,8 +1,10 @@
 """``train(config)``: the main job, data -> tokens -> Trainer -> adapter on disk -> before/after score.
 
-Cheap checks come first (settings, model path, every data row, prompt lengths with the
-tokenizer); the model is loaded only once all of them pass. Works the same under
-``torchrun --nproc_per_node N -m deltatune train`` (DDP over gloo on CPU): every process trains
+Cheap checks come first (settings, model path, the output folder, every data row, prompt lengths
+with the tokenizer); the model is loaded only once all of them pass, and nothing on disk is removed
+or replaced before then. The final adapter is written (atomically) before the checkpoints are
+removed, and a run whose loss or weights become NaN/Inf stops with the checkpoints kept. Works the
+same under ``torchrun --nproc_per_node N -m deltatune train`` (DDP over gloo on CPU): every process trains
 on its share of each global batch, and process 0 evaluates and writes the files.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import math
 import os
 import shutil
 import sys
@@ -22,14 +25,27 @@ import torch
 from transformers import PrinterCallback
 
 from ..formats.models import ModelSource, load_model, load_tokenizer, resolve_model
+from ..formats.peft import non_finite_keys
 from ..methods.lora import LoraConfig
+from ..targets import base_of, default_target_modules, find_targets
 from ..tasks import get_peft_model
 from . import data as datamod
 from .config import TrainConfig
 from .evaluate import default_max_new_tokens, evaluate
+from .outputs import CHECKPOINTS, check_output
 from .report import RunSummary, plot_loss, print_summary, write_log, write_run_info
 from .task import BUILTIN_STEPS, builtin_splits
-from .trainer import AdapterTrainer, Collator, ListDataset, LossProgress, last_checkpoint, training_arguments
+from .trainer import (
+    AdapterTrainer,
+    Collator,
+    ListDataset,
+    LossProgress,
+    NonFiniteTrainingError,
+    StopOnNonFinite,
+    last_checkpoint,
+    resumable_checkpoint,
+    training_arguments,
+)
 
 BUILTIN = "built-in order-to-JSON task"
 
@@ -101,34 +117,35 @@ def train(config: TrainConfig) -> RunSummary:
         The run summary (before/after exact match, steps, timings), also written as JSON.
 
     Raises:
-        FileNotFoundError / ValueError: bad settings, model path or data; raised before the
-            model is loaded. KeyboardInterrupt propagates after saying how to resume.
+        FileNotFoundError / ValueError: bad settings, model path, output folder or data, raised before the
+            model is loaded; a rank too large for this machine's memory, before the adapter is allocated.
+        NonFiniteTrainingError (a ValueError): the loss, gradient norm or weights became NaN/Inf; the checkpoints
+            written before that step are kept, and the message names the last one.
+        KeyboardInterrupt: propagates after saying how to resume.
     """
     started = time.time()
     config.validate()
-    _set_threads(config)
+    main = int(os.environ.get("RANK", "0")) == 0
     source = resolve_model(config.model)
     output = config.output_dir
-    checkpoints = os.path.join(output, "checkpoints")
-    resume_from = last_checkpoint(checkpoints) if config.resume else None
-    if config.resume and resume_from is None:
-        raise FileNotFoundError(f"--resume: no checkpoint found in {checkpoints}.")
+    checkpoints = os.path.join(output, CHECKPOINTS)
+    check_output(output, {source.directory: "the base model's folder"}, config.overwrite, config.resume)
+    peft_config = lora_config(config, source.name)  # refuses a bad alpha, dropout or target regex now
+    resume_from = resumable_checkpoint(checkpoints, lambda text: _say(main, text)) if config.resume else None
+    _set_threads(config)
     tokenizer = load_tokenizer(source)
     prepared = prepare_data(config, tokenizer)
     args = training_arguments(checkpoints, config, use_cpu=not torch.cuda.is_available())
-    main = args.process_index == 0
     _say(main, f"base model: {_describe_base(source)}\ndata: {prepared.source} "
                f"({len(prepared.train.rows)} training rows, {len(prepared.eval_examples)} held-out, "
                f"format {prepared.fmt})")
     if prepared.train.truncated:
         _say(main, f"{prepared.train.truncated} training rows are longer than max_length={config.max_length}; cut.")
 
-    if not config.resume and main and os.path.isdir(checkpoints):
-        print(f"removing checkpoints of an earlier run in {checkpoints} (use --resume to continue it)")
-        shutil.rmtree(checkpoints)
     torch.manual_seed(config.seed)  # the adapter's initial A matrices
     model, tokenizer = load_model(source, quantize=config.quantize, tokenizer=tokenizer)
-    peft_model = get_peft_model(model, lora_config(config, source.name))
+    check_adapter_fits(model, peft_config)
+    peft_model = get_peft_model(model, peft_config)
     trainable, all_params = peft_model.get_nb_trainable_parameters()
     if main:
         peft_model.print_trainable_parameters()
@@ -137,21 +154,17 @@ def train(config: TrainConfig) -> RunSummary:
     before = _score(main and resume_from is None, peft_model, tokenizer, prepared, max_new, "before training",
                     config.use_bf16)
 
+    if not config.resume and main and os.path.isdir(checkpoints):  # only with --overwrite (check_output)
+        print(f"removing checkpoints of an earlier run in {checkpoints} (--overwrite)")
+        shutil.rmtree(checkpoints)
+    progress = LossProgress()
     trainer = AdapterTrainer(model=peft_model, args=args, train_dataset=ListDataset(prepared.train.rows),
-                             data_collator=Collator(tokenizer.pad_token_id), callbacks=[LossProgress()])
+                             data_collator=Collator(tokenizer.pad_token_id),
+                             callbacks=[progress, StopOnNonFinite()])
     trainer.remove_callback(PrinterCallback)  # our progress bar shows the loss; no dict per step
     train_start = time.time()
-    try:
-        trainer.train(resume_from_checkpoint=resume_from)
-    except KeyboardInterrupt:
-        last = last_checkpoint(checkpoints)
-        hint = f"last checkpoint: {last}; continue with the same command plus --resume" if last else \
-            "no checkpoint was written yet"
-        _say(main, f"\ninterrupted; {hint}.")
-        raise
+    _fit(trainer, progress, resume_from, checkpoints, config, main)
     train_seconds = time.time() - train_start
-    if main:  # the finished adapter is saved below; step checkpoints were only for resuming
-        shutil.rmtree(checkpoints, ignore_errors=True)
     summary = RunSummary(output, source.path, prepared.source, len(prepared.train.rows),
                          len(prepared.eval_examples), prepared.train.truncated, trainer.state.global_step,
                          trainable, all_params, exact_match_before=before)
@@ -160,12 +173,13 @@ def train(config: TrainConfig) -> RunSummary:
     _release_memory()
     if not main:
         return summary
-    peft_model.save_pretrained(output)
+    _save_adapter(peft_model, output, checkpoints, summary.steps)
     write_run_info(output, prepared.fmt, max_new, config.quantize)
     write_log(history, output)
     plot_loss(history, output)
+    shutil.rmtree(checkpoints, ignore_errors=True)  # only now: the finished adapter is safely on disk
     losses = [e["loss"] for e in history if "loss" in e]
-    summary.final_loss = losses[-1] if losses else None
+    summary.final_loss = losses[-1] if losses and math.isfinite(losses[-1]) else None
     after = evaluate(peft_model, tokenizer, prepared.eval_examples, max_new_tokens=max_new, bf16=config.use_bf16) \
         if prepared.eval_examples else None
     if after is not None:
@@ -178,6 +192,82 @@ def train(config: TrainConfig) -> RunSummary:
     summary.write()
     print_summary(summary)
     return summary
+
+
+def _fit(trainer: AdapterTrainer, progress: LossProgress, resume_from: str | None, checkpoints: str,
+         config: TrainConfig, main: bool) -> None:
+    """Run the Trainer; on Ctrl-C or a NaN/Inf, say which checkpoint is kept and how to go on."""
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    except KeyboardInterrupt:
+        progress.close()
+        last = last_checkpoint(checkpoints)
+        hint = f"last checkpoint: {last}; continue with the same command plus --resume" if last else \
+            "no checkpoint was written yet"
+        _say(main, f"\ninterrupted; {hint}.")
+        raise
+    except NonFiniteTrainingError as err:
+        progress.close()
+        last = last_checkpoint(checkpoints)
+        kept = f"the last good checkpoint is kept: {last}" if last else "no checkpoint had been written yet"
+        raise NonFiniteTrainingError(err.step, f"{err.what}, so no adapter was written; {kept}. Lower --lr (it "
+                                     f"is {config.lr:g}), or check the data and the base model.") from None
+    finally:
+        progress.close()
+
+
+def _save_adapter(peft_model: Any, output: str, checkpoints: str, step: int) -> None:
+    """Write the final adapter (each file atomically); a NaN/Inf one is refused in one line, checkpoints kept."""
+    bad = non_finite_keys(dict(peft_model.named_parameters()))
+    if bad:
+        last = last_checkpoint(checkpoints)
+        kept = f"; the last checkpoint is kept: {last}" if last else ""
+        raise NonFiniteTrainingError(step, f"{len(bad)} trained tensor(s) hold NaN or Inf (first: {bad[0]}), so no "
+                                     f"adapter was written{kept}.")
+    peft_model.save_pretrained(output)
+
+
+def check_adapter_fits(model: torch.nn.Module, config: LoraConfig, bytes_per_value: int = 16) -> None:
+    """Refuse a rank whose adapter cannot be trained in this machine's memory, before allocating any of it.
+
+    On Linux a huge allocation does not fail cleanly: memory is overcommitted, so it succeeds, and the kernel
+    kills the process when the pages are first written. The estimate is r * (in + out) values per adapted
+    layer, each held four times in float32 while training (weight, gradient, AdamW's two moments).
+
+    Raises:
+        ValueError: the estimate exceeds the memory available now; names r and both sizes.
+    """
+    available = _available_memory()
+    if available is None:
+        return
+    targets = config.target_modules if config.target_modules is not None else default_target_modules(model)
+    names = find_targets(model, targets, exclude_modules=config.exclude_modules)
+    values = sum(config.r * _layer_width(base_of(model.get_submodule(name))) for name in names)
+    needed = values * bytes_per_value
+    if needed > available:
+        raise ValueError(f"r={config.r} makes an adapter of {values:,} values over {len(names)} layers; training it "
+                         f"needs about {needed / 2**30:,.1f} GiB (weights, gradients and AdamW state in float32), "
+                         f"and {available / 2**30:.1f} GiB of memory is available. Choose a smaller --r (usually "
+                         "4-64; a rank above a layer's width adds nothing).")
+
+
+def _layer_width(module: torch.nn.Module) -> int:
+    """in + out of a layer LoRA adapts (A is r x in, B is out x r), from its attributes or its weight."""
+    for fan_in, fan_out in (("in_features", "out_features"), ("num_embeddings", "embedding_dim"),
+                            ("in_channels", "out_channels")):
+        if hasattr(module, fan_in) and hasattr(module, fan_out):
+            return int(getattr(module, fan_in)) + int(getattr(module, fan_out))
+    weight = getattr(module, "weight", None)
+    return int(sum(weight.shape[:2])) if isinstance(weight, torch.Tensor) and weight.dim() >= 2 else 0
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to this process now (psutil), or None when it cannot tell."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
 
 
 def _score(enabled: bool, model: Any, tokenizer: Any, prepared: PreparedData, max_new: int, when: str,

@@ -1,23 +1,32 @@
-"""``transformers.Trainer`` taught to checkpoint a deltatune adapter.
+"""``transformers.Trainer`` taught to checkpoint a deltatune adapter, and to stop when training diverges.
 
 Our ``PeftModel`` is a plain ``nn.Module``, so Trainer would save (and on resume, look for) the
 whole model's weights. ``AdapterTrainer`` writes only the adapter, in PEFT's layout, into each
 checkpoint, and on ``--resume`` loads it back; optimizer, scheduler, RNG and data position come
 from Trainer's own checkpoint files (all read with ``weights_only=True``), so a resumed run ends
-at the same adapter as an uninterrupted one.
+at the same adapter as an uninterrupted one. A checkpoint cut short (a crash or a full disk while it
+was written) is found before resuming, and the one before it is used instead.
+
+``StopOnNonFinite`` ends training at the first NaN or Inf loss, gradient norm or adapter weight,
+before that step's checkpoint is written, so every checkpoint on disk holds finite weights.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..formats.peft import load_adapter_tensors, read_adapter_weights
+from ..config import read_config_dict
+from ..formats.peft import load_adapter_tensors, non_finite_keys, read_adapter_weights
 from ..model import PeftModel
 from .evaluate import collate
 from .task import BUILTIN_STEPS
@@ -68,9 +77,48 @@ class LossProgress(TrainerCallback):
             self.bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0):.1e}")
 
     def on_train_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """End the bar (also when training stops with an error, so the message starts on a line of its own)."""
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class NonFiniteTrainingError(ValueError):
+    """The loss, the gradient norm or an adapter weight became NaN or Inf: training cannot recover from it."""
+
+    def __init__(self, step: int, what: str) -> None:
+        super().__init__(f"training stopped at step {step}: {what}")
+        self.step, self.what = step, what
+
+
+class StopOnNonFinite(TrainerCallback):
+    """Raise :class:`NonFiniteTrainingError` as soon as the loss, the gradient norm or a trainable weight is NaN/Inf.
+
+    Trainer calls ``on_step_end`` (weights after the optimizer step), then ``on_log`` (that step's loss and
+    gradient norm), then saves a checkpoint, so the step that went wrong never reaches disk. Every process
+    of a distributed run sees the same averaged loss and the same synchronised weights, so all stop together.
+    Without this, the run goes on with NaN weights and (with Trainer's default NaN filter) logs a loss of 0.
+    """
+
+    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, model: Any = None,
+                    **kwargs: Any) -> None:
+        if model is None:
+            return
+        params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        if params and not bool(torch.stack([p.detach().isfinite().all() for _, p in params]).all()):
+            bad = non_finite_keys({name: p for name, p in params})
+            raise NonFiniteTrainingError(state.global_step, f"{len(bad)} adapter weight tensor(s) became NaN or "
+                                         f"Inf (first: {bad[0]})")
+
+    def on_log(self, args: TrainingArguments, state: Any, control: Any, logs: dict | None = None,
+               **kwargs: Any) -> None:
+        for key, label in (("loss", "the training loss"), ("grad_norm", "the gradient norm")):
+            value = (logs or {}).get(key)
+            if isinstance(value, float | int) and not math.isfinite(value):
+                raise NonFiniteTrainingError(state.global_step, f"{label} became {value}")
 
 
 class Collator:
@@ -109,6 +157,7 @@ def training_arguments(checkpoint_dir: str, settings: Any, use_cpu: bool) -> Tra
         warmup_steps=0.05,
         weight_decay=0.0,
         logging_steps=1,
+        logging_nan_inf_filter=False,  # a NaN loss must show as NaN (and stop the run), not be logged as 0
         save_strategy="steps",
         save_steps=settings.save_steps,
         save_total_limit=2,
@@ -128,13 +177,78 @@ def training_arguments(checkpoint_dir: str, settings: Any, use_cpu: bool) -> Tra
 
 def last_checkpoint(checkpoint_dir: str) -> str | None:
     """The newest complete checkpoint folder (one whose trainer_state.json was written), or None."""
+    found = _checkpoints(checkpoint_dir)
+    return found[0] if found else None
+
+
+def _checkpoints(checkpoint_dir: str) -> list[str]:
+    """Checkpoint folders with a trainer_state.json (Trainer writes it last), newest first."""
     if not os.path.isdir(checkpoint_dir):
-        return None
+        return []
     found = []
     for name in os.listdir(checkpoint_dir):
         path = os.path.join(checkpoint_dir, name)
         step = name[len(PREFIX_CHECKPOINT_DIR) + 1:]
         if name.startswith(PREFIX_CHECKPOINT_DIR + "-") and step.isdigit() \
-                and os.path.isfile(os.path.join(path, "trainer_state.json")):
+                and os.path.isfile(os.path.join(path, TRAINER_STATE)):
             found.append((int(step), path))
-    return max(found)[1] if found else None
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+TRAINER_STATE = "trainer_state.json"
+NEEDED = ("optimizer.pt", "scheduler.pt")  # without them Trainer would silently restart the schedule
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """Why ``path`` cannot be resumed from (a file missing, cut short or holding NaN), or None when it is whole.
+
+    Every file is read the way resuming reads it (tensors with ``weights_only=True``): a torn write shows up
+    as an unreadable file, and finding it here lets ``--resume`` fall back to the checkpoint before.
+    """
+    try:
+        with open(os.path.join(path, TRAINER_STATE), encoding="utf-8") as fh:
+            if not isinstance(json.load(fh), dict):
+                return f"{TRAINER_STATE} does not hold a JSON object"
+        read_config_dict(path)
+        bad = non_finite_keys(read_adapter_weights(path))
+    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return " ".join(str(err).split())
+    if bad:
+        return f"its adapter holds NaN or Inf ({bad[0]})"
+    missing = [name for name in NEEDED if not os.path.isfile(os.path.join(path, name))]
+    if missing:
+        return f"{', '.join(missing)} missing"
+    for name in sorted(os.listdir(path)):
+        if name.endswith((".pt", ".pth")):
+            try:
+                with safe_globals():  # the numpy types of the RNG state, as Trainer allows them when resuming
+                    torch.load(os.path.join(path, name), map_location="cpu", weights_only=True)
+            except Exception as err:  # noqa: BLE001 - torch raises many types for a damaged file; all mean "unusable"
+                return f"{name} is unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+    return None
+
+
+def resumable_checkpoint(checkpoint_dir: str, say: Callable[[str], None] = print) -> str:
+    """The newest checkpoint in ``checkpoint_dir`` that can be resumed from, saying which newer ones are not.
+
+    A damaged checkpoint is left where it is: the resumed run writes that step's checkpoint into the same
+    folder again, file by file, and the final cleanup removes it with the others.
+
+    Raises:
+        FileNotFoundError: no checkpoint at all.
+        ValueError: none is usable; says why for each.
+    """
+    found = _checkpoints(checkpoint_dir)
+    if not found:
+        raise FileNotFoundError(f"--resume: no checkpoint found in {checkpoint_dir}.")
+    damaged = []
+    for path in found:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            for old, why in damaged:
+                say(f"{old} is incomplete or damaged ({why}); resuming from {path} instead.")
+            return path
+        damaged.append((path, problem))
+    reasons = "; ".join(f"{os.path.basename(path)}: {why}" for path, why in damaged)
+    raise ValueError(f"--resume: no usable checkpoint in {checkpoint_dir} ({reasons}). Start the run again with "
+                     "--overwrite (it replaces them), or choose another --output.")
