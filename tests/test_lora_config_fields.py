@@ -257,8 +257,8 @@ def test_from_pretrained_config_kwargs_fill_in_missing_keys_and_the_file_wins(tm
 
 
 def test_from_pretrained_of_unknown_method_names_it(tmp_path):
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3", "target_modules": ["k"]}))
-    with pytest.raises(ValueError, match="peft_type='IA3' is not a method deltatune knows"):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "OFT", "target_modules": ["k"]}))
+    with pytest.raises(ValueError, match="peft_type='OFT' is not a method deltatune knows"):
         PeftConfig.from_pretrained(tmp_path)
 
 
