@@ -18,7 +18,11 @@ from .integrations import install as _install_integrations
 from .methods.bottleneck import BottleneckConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
+from .methods.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
+from .methods.prefix_tuning import PrefixEncoder, PrefixTuningConfig
+from .methods.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
 from .model import PeftModel
+from .prompt_learning import PromptLearningConfig
 from .quant.kbit import prepare_model_for_kbit_training
 from .tasks import (
     MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
@@ -56,6 +60,15 @@ __all__ = [
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
     "PeftType",
+    "PrefixEncoder",
+    "PrefixTuningConfig",
+    "PromptEmbedding",
+    "PromptEncoder",
+    "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType",
+    "PromptLearningConfig",
+    "PromptTuningConfig",
+    "PromptTuningInit",
     "TaskType",
     "__version__",
     "get_peft_model",

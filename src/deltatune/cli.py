@@ -18,19 +18,15 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
+# The run's own flags; --method, --lr, --target-modules (whose defaults are the method's) and each method's flags
+# come from the method registry (method_flags()).
+RUN_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--model", {"help": "HF model folder or .gguf file (default: bundled SmolLM2-135M-Instruct)"}),
     ("--data", {"help": ".jsonl/.json/.csv/.parquet training file (default: the built-in order-to-JSON task)"}),
     ("--eval-data", {"help": "held-out file (default: rows taken out of --data)"}),
     ("--format", {"choices": ["alpaca", "chat", "text"], "help": "data format (default: from the columns)"}),
-    ("--method", {"choices": ["lora"]}),
-    ("--r", {"type": int, "help": "LoRA rank"}),
-    ("--alpha", {"type": float, "help": "LoRA alpha (scale = alpha / r)"}),
-    ("--dropout", {"type": float}),
-    ("--target-modules", {"help": "comma-separated names, a regex, or all-linear"}),
     ("--epochs", {"type": float}),
     ("--max-steps", {"type": int, "help": "optimizer steps (overrides --epochs)"}),
-    ("--lr", {"type": float}),
     ("--batch-size", {"type": int}),
     ("--grad-accum", {"type": int}),
     ("--max-length", {"type": int}),
@@ -50,9 +46,67 @@ TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
+def method_flags() -> list[tuple[str, str, dict[str, Any]]]:
+    """(group, flag, argparse options) for --method and every method's flags, from the registry.
+
+    A flag several methods declare (e.g. a number of virtual tokens) is added once, in the first one's group;
+    its help names every method that takes it and each one's default.
+    """
+    from .train.config import method_cli, method_names, method_options
+
+    names = method_names()
+    defaults = "; ".join(f"{name} {method_cli(name).lr:g}" for name in names)
+    targets = "; ".join(f"{name} {method_cli(name).target_modules or 'per architecture'}" for name in names
+                        if _takes_targets(name))
+    flags = [("method", "--method", {"choices": list(names), "help": "adapter method (default: lora)"}),
+             ("method", "--lr", {"type": float, "help": f"peak learning rate (default: {defaults})"}),
+             ("method", "--target-modules", {"help": f"comma-separated names, a regex, or all-linear (default: "
+                                                      f"{targets})"})]
+    for key, owners in method_options().items():
+        first = owners[0][1]
+        kinds = {opt.kind for _, opt in owners}
+        if len(kinds) > 1:  # a declaration bug: argparse can parse a flag one way only
+            raise TypeError(f"--{first.flag} is declared with different kinds {sorted(kinds)} by "
+                            f"{[name for name, _ in owners]}; methods that share a flag must agree on its kind.")
+        shared = len(owners) > 1
+        shown = ", ".join(f"{name} {opt.default}" if shared else str(opt.default) for name, opt in owners
+                          if opt.default is not None)
+        text = (f"[--method {' / '.join(name for name, _ in owners)}] " if shared else "") + first.help + \
+            (f" (default: {shown})" if shown else "")
+        flags.append((owners[0][0], f"--{first.flag}", {**_argparse_kind(first.kind, first.choices), "help": text,
+                                                         "dest": key}))
+    return flags
+
+
+def _takes_targets(name: str) -> bool:
+    from .train.config import method_entry, takes_targets
+
+    return takes_targets(method_entry(name))
+
+
+def _argparse_kind(kind: str, choices: tuple[str, ...]) -> dict[str, Any]:
+    """How argparse reads a method flag of this kind (None when not given: the YAML file or the default wins)."""
+    if kind == "bool":
+        return {"action": argparse.BooleanOptionalAction, "default": None}
+    kinds: dict[str, dict[str, Any]] = {"int": {"type": int}, "number": {"type": float},
+                                        "names": {"metavar": "NAMES"}, "text": {}}
+    return {**kinds[kind], **({"choices": list(choices)} if choices else {})}
+
+
+def train_flags() -> list[tuple[str, dict[str, Any]]]:
+    """Every flag of ``deltatune train`` as (flag, argparse options): the run's and the methods'."""
+    return [*RUN_FLAGS, *((flag, options) for _, flag, options in method_flags())]
+
+
 def _add_train(parser: argparse.ArgumentParser) -> None:
-    for flag, options in TRAIN_FLAGS:
+    for flag, options in RUN_FLAGS:
         parser.add_argument(flag, **options)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for group, flag, options in method_flags():
+        if group not in groups:
+            title = "adapter method" if group == "method" else f"--method {group}"
+            groups[group] = parser.add_argument_group(title)
+        groups[group].add_argument(flag, **options)
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -148,12 +202,14 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 # command -> (help, add arguments, run)
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
-    "train": ("fine-tune a model with LoRA (no arguments: SmolLM2 on the built-in task)", _add_train, _run_train),
+    "train": ("fine-tune a model with an adapter method, LoRA by default (no arguments: SmolLM2 on the built-in "
+              "task)", _add_train, _run_train),
     "generate": ("answer one prompt with base model + adapter", _add_generate, _run_generate),
     "chat": ("talk to base model + adapter", _add_chat, _run_chat),
     "evaluate": ("exact match and loss of an adapter on a data file", _add_evaluate, _run_evaluate),
-    "merge": ("fold an adapter into its base model and save a full model", _add_merge, _run_merge),
-    "inspect": ("show an adapter's method, rank, targets, size and base model", _add_inspect, _run_inspect),
+    "merge": ("fold an adapter into its base model and save a full model (methods that change weights: LoRA, "
+              "(IA)^3, ...)", _add_merge, _run_merge),
+    "inspect": ("show an adapter's method, its settings, targets, size and base model", _add_inspect, _run_inspect),
 }
 
 
@@ -163,7 +219,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, MemoryError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deltatune", description="Parameter-efficient fine-tuning (LoRA).")
+    parser = argparse.ArgumentParser(prog="deltatune", description="Parameter-efficient fine-tuning (delta tuning).")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (text, add, _) in COMMANDS.items():
         sub = commands.add_parser(name, help=text, description=text)

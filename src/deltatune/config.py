@@ -40,6 +40,9 @@ class PeftType(str, enum.Enum):
     LORA = "LORA"
     BOTTLENECK = "BOTTLENECK"
     IA3 = "IA3"
+    PROMPT_TUNING = "PROMPT_TUNING"
+    P_TUNING = "P_TUNING"
+    PREFIX_TUNING = "PREFIX_TUNING"
 
 
 # hf_hub_download's options (and the older names PEFT still passes on): they choose what to download from the

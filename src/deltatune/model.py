@@ -1,9 +1,11 @@
 """``PeftModel``: the wrapper users hold. Same names, signatures and behaviour as HF PEFT's.
 
 It owns the adapters' configs, decides which adapter is active and trainable, and reads and writes
-PEFT adapter folders. It knows methods only through the registry (``methods.METHODS``) and the
-``AdapterLayer`` protocol, so a new method needs no change here. The per-task subclasses
-(``PeftModelForCausalLM``, ...) and ``get_peft_model`` live in ``tasks.py``.
+PEFT adapter folders. It knows methods only through the registry (``methods.METHODS``) and two small
+protocols: ``AdapterLayer`` for methods that wrap layers, and ``prompt_learning.PromptModule`` for methods
+that change the inputs (prompt, P-, prefix tuning; their modules live in ``prompt_encoder``, as in PEFT, and
+``forward`` / ``generate`` pass every call through ``prompt_learning.prompt_inputs``). A new method needs no
+change here. The per-task subclasses (``PeftModelForCausalLM``, ...) and ``get_peft_model`` live in ``tasks.py``.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from torch import nn
 from . import integrations
 from .adapter_layer import BASE_ADAPTER, adapter_layers, replace_module
 from .config import PeftConfig, TaskType
-from .formats.peft import adapter_tensors, check_finite, load_adapter_tensors, write_adapter
+from .formats.peft import adapter_tensors, check_finite, load_adapter_tensors, prompt_module, write_adapter
 from .functional import remove_adapter_layers, resolve_save_embedding_layers, values_from_state_dict
 from .loading import adapter_directory, check_adapter_name, read_adapter
 from .methods import method_for
 from .modules_to_save import wrap_modules_to_save
+from .prompt_learning import check_combination, generation_hook, prompt_inputs, refuse_merge, trainable_tensors
 from .quant.kbit import is_bnb_quantized_param, peft_param_count, quantized_param_count
 
 DEFAULT_ADAPTER = "default"
@@ -79,7 +82,10 @@ class PeftModel(nn.Module):
     Attributes:
         base_model: an ``AdaptedModel``; ``base_model.model`` is the model that was wrapped.
         peft_config: adapter name -> its config.
+        prompt_encoder: adapter name -> its ``PromptModule`` (only once a prompt-learning adapter is added).
     """
+
+    _prompt_disabled = False  # disable_adapter(): prompt-learning adapters leave the inputs alone
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = DEFAULT_ADAPTER,
                  autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False) -> None:
@@ -142,12 +148,7 @@ class PeftModel(nn.Module):
             raise ValueError(f"An adapter named {adapter_name!r} exists already; pick another name.")
         if not hasattr(peft_config, "peft_type"):
             raise TypeError(f"peft_config must be a config such as deltatune.LoraConfig, got {type(peft_config)!r}.")
-        if peft_config.is_prompt_learning and self.peft_config:
-            raise ValueError("Prompt-learning adapters cannot share a model with other adapters.")
-        types = {c.peft_type for c in self.peft_config.values()}
-        if types and types != {peft_config.peft_type}:  # PEFT's rule: one method per model
-            raise ValueError(f"Cannot combine adapters with different peft types: this model has {sorted(types)}, "
-                             f"the new one is {peft_config.peft_type!r}. Use another copy of the base model for it.")
+        check_combination(list(self.peft_config.values()), peft_config)
         method = method_for(peft_config.peft_type)
         model = self.get_base_model()
         heads = TASK_HEADS.get(peft_config.task_type or "", ())
@@ -156,13 +157,18 @@ class PeftModel(nn.Module):
             peft_config.modules_to_save = [*(peft_config.modules_to_save or []), *extra_heads]
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
-        method.attach(model, peft_config, adapter_name)  # takes back its own layers when it fails
+        # layers: takes back its own layers when it fails; inputs: changes nothing, returns the PromptModule
+        attached = method.attach(model, peft_config, adapter_name)
         try:
             if peft_config.modules_to_save:
                 wrap_modules_to_save(model, peft_config.modules_to_save, adapter_name)
         except BaseException:
             self._remove_adapter_layers(adapter_name)
             raise
+        if method.kind == "inputs":
+            if "prompt_encoder" not in self._modules:
+                self.prompt_encoder = nn.ModuleDict()
+            self.prompt_encoder[adapter_name] = attached
         self.peft_config[adapter_name] = peft_config
         if freeze_base:
             for param in model.parameters():
@@ -170,6 +176,13 @@ class PeftModel(nn.Module):
         if not autocast_adapter_dtype:
             self._cast_adapter_to_base_dtype(adapter_name)
         self._apply_activation()
+
+    def _adapter_parameters(self, adapter_name: str) -> list[torch.Tensor]:
+        """What trains for one adapter: its file tensors, and a prompt module's every parameter (a
+        reparameterization trains too, though only its output is saved)."""
+        tensors = list(adapter_tensors(self, self.peft_config[adapter_name], adapter_name).values())
+        module = prompt_module(self, adapter_name)
+        return tensors + (trainable_tensors(module) if module is not None else [])
 
     def _cast_adapter_to_base_dtype(self, adapter_name: str) -> None:
         """``autocast_adapter_dtype=False``: keep the adapter in the base layer's bf16/fp16 instead of fp32."""
@@ -187,6 +200,8 @@ class PeftModel(nn.Module):
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"No adapter named {unknown}; this model has {sorted(self.peft_config)}.")
+        if len(names) > 1 and any(self.peft_config[n].is_prompt_learning for n in names):
+            raise ValueError(f"Only one prompt-learning adapter can be active at a time, got {names}.")
         self._active = names
         self._frozen_adapters = set(names) if inference_mode else set()
         self._apply_activation()
@@ -205,6 +220,11 @@ class PeftModel(nn.Module):
     def _remove_adapter_layers(self, adapter_name: str) -> None:
         """Drop one adapter's weights; layers left with none go back to their base module."""
         remove_adapter_layers(self.get_base_model(), adapter_name)
+        modules = self._modules.get("prompt_encoder")
+        if modules is not None and adapter_name in modules:
+            del modules[adapter_name]
+            if not len(modules):
+                del self.prompt_encoder
 
     def _apply_activation(self) -> None:
         """Push the active adapter list into every layer; only the active adapters' tensors train.
@@ -216,39 +236,45 @@ class PeftModel(nn.Module):
             layer.active_adapters = [a for a in self._active if a in layer.adapter_names()]
         trainable = [n for n in self._active if not self.peft_config[n].inference_mode
                      and n not in self._frozen_adapters]
-        for name, config in self.peft_config.items():  # freeze first, so shared tensors end up trainable
+        for name in self.peft_config:  # freeze first, so shared tensors end up trainable
             if name not in trainable:
-                for tensor in adapter_tensors(self, config, name).values():
+                for tensor in self._adapter_parameters(name):
                     tensor.requires_grad_(False)
         for name in trainable:
-            for tensor in adapter_tensors(self, self.peft_config[name], name).values():
+            for tensor in self._adapter_parameters(name):
                 if tensor.is_floating_point():
                     tensor.requires_grad_(True)
 
     def enable_adapter_layers(self) -> None:
         self.base_model.enable_adapter_layers()
+        self._prompt_disabled = False
 
     def disable_adapter_layers(self) -> None:
         self.base_model.disable_adapter_layers()
+        self._prompt_disabled = True
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Inside this block the model computes the base model's output."""
+        """Inside this block the model computes the base model's output (no virtual tokens, no head copies)."""
         layers = [layer for _, layer in adapter_layers(self)]
         before = [layer.disabled for layer in layers]
+        prompt_before = self._prompt_disabled
         for layer in layers:
             layer.disabled = True
+        self._prompt_disabled = True
         try:
             yield
         finally:
             for layer, was in zip(layers, before, strict=True):
                 layer.disabled = was
+            self._prompt_disabled = prompt_before
 
     # ---- merging --------------------------------------------------------------------------------
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold the active (or named) adapters into the base weights; ``unmerge_adapter`` undoes it."""
         names = adapter_names or self._active
+        refuse_merge(self.peft_config, names)
         self._check_mergeable(names, values=safe_merge)  # every layer before writing into any
         for _, layer in adapter_layers(self):
             layer.merge([n for n in names if n in layer.adapter_names()], safe_merge=safe_merge)
@@ -279,6 +305,7 @@ class PeftModel(nn.Module):
     ) -> nn.Module:
         """Merge the active adapters and return the plain base model, with no adapter layers left."""
         names = adapter_names or self._active
+        refuse_merge(self.peft_config, names)
         self._check_mergeable(names, values=safe_merge)
         model = self.get_base_model()
         for path, layer in list(adapter_layers(model)):
@@ -315,13 +342,44 @@ class PeftModel(nn.Module):
             for layer in layers:
                 layer.batch_adapter_names = None
 
+    def _active_prompt_module(self, adapter_names: list[str] | None) -> Any:
+        """The active prompt-learning module, or None when the active adapter wraps layers or is disabled."""
+        if self._prompt_disabled or not self._active or not self.peft_config[self._active[0]].is_prompt_learning:
+            return None
+        if adapter_names is not None:
+            raise ValueError("adapter_names (one adapter per batch row) does not work with prompt-learning adapters: "
+                             "the virtual tokens are the same for the whole batch.")
+        return prompt_module(self, self._active[0])
+
+    def _prompt_call(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        name = self._active[0]
+        return prompt_inputs(kwargs, prompt_module(self, name), self.peft_config[name], self.get_base_model())
+
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
-        """The base model's forward; ``adapter_names`` gives one adapter per batch row ('__base__' for none)."""
+        """The base model's forward; ``adapter_names`` gives one adapter per batch row ('__base__' for none).
+
+        With a prompt-learning adapter active, the virtual tokens (or prefixes) go in front of the inputs
+        (``prompt_learning.prompt_inputs``); a positional first argument is ``input_ids``.
+        """
+        if self._active_prompt_module(adapter_names) is not None:
+            if args:
+                kwargs = {"input_ids": args[0], **kwargs}
+                args = args[1:]
+            return self.base_model(*args, **self._prompt_call(kwargs))
         with self._mixed_batch(adapter_names):
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
-        """The base model's generate; with ``adapter_names`` each prompt row uses its own adapter."""
+        """The base model's generate; with ``adapter_names`` each prompt row uses its own adapter.
+
+        With a prompt-learning adapter active, every forward call generate makes sees the virtual tokens (with
+        and without the KV cache, any padding, any number of beams); the output holds the input ids and the new
+        tokens, not the virtual tokens (as in PEFT).
+        """
+        if self._active_prompt_module(adapter_names) is not None:
+            model = self.get_base_model()
+            with generation_hook(model, self._prompt_call):
+                return model.generate(*args, **kwargs)
         if adapter_names is not None:
             generation_config = kwargs.get("generation_config") or getattr(self.get_base_model(),
                                                                            "generation_config", None)
@@ -516,7 +574,7 @@ class PeftModel(nn.Module):
     def _move_adapter(self, adapter_name: str, device: torch.device) -> None:
         """Put one adapter's tensors on ``device`` (``torch_device=``), replacing the parameter objects so that a
         change of device type (e.g. to "meta") works too."""
-        moving = {id(t) for t in adapter_tensors(self, self.peft_config[adapter_name], adapter_name).values()}
+        moving = {id(t) for t in self._adapter_parameters(adapter_name)}
         for module in self.modules():
             for name, param in list(module._parameters.items()):
                 if param is not None and id(param) in moving:

@@ -16,7 +16,7 @@ from deltatune.train.config import TrainConfig, config_from_sources
     ({"format": "sharegpt"}, "Unknown format 'sharegpt'"),
     ({"method": "dora"}, "Unknown method 'dora'"),
     ({"batch_size": 0}, "batch_size must be a positive integer"),
-    ({"dropout": 1.0}, "dropout must be in"),
+    ({"dropout": 1.0}, r"dropout must be a number in \[0, 1\)"),
 ])
 def test_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):

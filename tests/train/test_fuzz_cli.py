@@ -199,7 +199,7 @@ def test_random_bad_flags_end_in_a_config_or_one_clean_error(tmp_path, capsys):
     outcomes = {"ok": 0, "usage": 0, "error": 0}
     for _ in range(FLAG_CASES):
         argv = []
-        for flag, options in rng.sample(cli.TRAIN_FLAGS, rng.randint(1, 5)):
+        for flag, options in rng.sample(cli.train_flags(), rng.randint(1, 5)):
             argv += flag_value(flag, options, rng, paths)
         outcomes[settle(argv, capsys)] += 1
     assert min(outcomes.values()) > 10, outcomes

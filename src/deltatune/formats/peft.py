@@ -2,8 +2,10 @@
 
 Tensor names are PEFT's: the wrapped model's state-dict key with the adapter name left out,
 e.g. ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``; a modules_to_save copy is
-stored under the plain module key (``base_model.model.classifier.weight``). Adapters other than
-"default" go to a sub-folder named after them. Nothing is ever unpickled.
+stored under the plain module key (``base_model.model.classifier.weight``). A prompt-learning adapter is
+one tensor, ``prompt_embeddings`` (the virtual tokens or the flat prefixes, any reparameterization folded
+in), and its modules_to_save copies go under ``base_model.<module>`` (PEFT wraps no ``.model`` there).
+Adapters other than "default" go to a sub-folder named after them. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import nn
 from ..adapter_layer import adapter_layers
 from ..config import PeftConfig, write_atomically
 from ..finite import all_finite
+from ..prompt_learning import PROMPT_EMBEDDINGS_KEY, PromptModule, prompt_embeddings
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
@@ -37,6 +40,8 @@ def adapter_tensors(
             this by default when an embedding is targeted; we do it only when asked, since the
             file then holds a second copy of the vocabulary matrix).
     """
+    if config.is_prompt_learning:
+        return _prompt_learning_tensors(root, adapter_name)
     out: dict[str, torch.Tensor] = {}
     layers = dict(adapter_layers(root))
     for path, layer in layers.items():
@@ -58,6 +63,27 @@ def adapter_tensors(
         for path, layer in layers.items():
             if getattr(layer, "kind", None) == "embedding":
                 out[f"{path}.base_layer.weight"] = layer.base_layer.weight
+    return out
+
+
+def prompt_module(root: nn.Module, adapter_name: str) -> PromptModule | None:
+    """The prompt-learning module of ``adapter_name`` that a PeftModel owns (``prompt_encoder[name]``), if any."""
+    modules = getattr(root, "_modules", {}).get("prompt_encoder")
+    return modules[adapter_name] if modules is not None and adapter_name in modules else None
+
+
+def _prompt_learning_tensors(root: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """``prompt_embeddings`` plus modules_to_save copies under PEFT's prompt-learning keys (``base_model.<module>``:
+    PEFT's prompt-learning wrapper holds the model itself as ``base_model``)."""
+    out: dict[str, torch.Tensor] = {}
+    module = prompt_module(root, adapter_name)
+    if module is not None:
+        out[PROMPT_EMBEDDINGS_KEY] = prompt_embeddings(module)
+    for path, layer in adapter_layers(root):
+        for key, tensor in layer.adapter_state_dict(adapter_name).items():
+            name = f"{path}.{key}"
+            out["base_model." + name.removeprefix("base_model.model.") if name.startswith("base_model.model.")
+                else name] = tensor
     return out
 
 
@@ -233,13 +259,17 @@ def load_adapter_tensors(
         warnings.warn(f"{where}these adapter tensors hold NaN or Inf values, so the model's outputs will too: "
                       f"{non_finite}", stacklevel=3)
     own = _adapter_owned_ids(root, adapter_name)
-    replaced = [key for key, target, value in plan if id(target) not in own
+    replaced = [key for key, target, value in plan if id(target) not in own and key != PROMPT_EMBEDDINGS_KEY
                 and not torch.equal(target, value.to(device=target.device, dtype=target.dtype))]
     if replaced:
         warnings.warn(f"{where}this adapter file replaces base model weights (as PEFT loads them; unload() and "
                       f"disable_adapter() do not bring the old values back): {replaced}", stacklevel=3)
-    for _, target, value in plan:
-        target.data.copy_(value.to(device=target.device, dtype=target.dtype))
+    for key, target, value in plan:
+        module = prompt_module(root, adapter_name) if key == PROMPT_EMBEDDINGS_KEY else None
+        if module is not None:  # may be the output of a reparameterization: the module folds it in
+            module.load_prompt_embeddings(value)
+        else:
+            target.data.copy_(value.to(device=target.device, dtype=target.dtype))
     expected = adapter_tensors(root, config, adapter_name)
     missing = [k for k in expected if k not in weights]
     return missing, unexpected

@@ -12,21 +12,38 @@ from typing import Any
 from torch import nn
 
 from ..config import PeftConfig
-from . import bottleneck, ia3, lora
+from . import bottleneck, ia3, lora, p_tuning, prefix_tuning, prompt_tuning
+from .options import MethodCli
 
 
 @dataclass(frozen=True)
 class Method:
-    """How the wrapper meets a method: build its config, attach it to a model."""
+    """How the wrapper meets a method: build its config, attach it to a model.
+
+    ``kind`` says how: "layers" methods wrap modules (``attach`` swaps in ``AdapterLayer``s and returns their
+    names); "inputs" methods change the model's inputs (``attach`` leaves the model alone and returns the
+    ``prompt_learning.PromptModule`` the wrapper owns and calls in forward and generate).
+    ``mergeable`` says whether the trained change folds into the base weights (``deltatune merge`` refuses the
+    others before loading anything). ``cli`` is how ``deltatune train --method NAME`` offers the method (its flags
+    and run defaults, declared next to its Config); None keeps it off the command line.
+    """
 
     config_class: type[PeftConfig]
-    attach: Callable[[nn.Module, Any, str], list[str]]
+    attach: Callable[[nn.Module, Any, str], Any]
+    kind: str = "layers"
+    mergeable: bool = False
+    cli: MethodCli | None = None
 
 
 METHODS: dict[str, Method] = {
-    "LORA": Method(lora.LoraConfig, lora.attach),
-    "BOTTLENECK": Method(bottleneck.BottleneckConfig, bottleneck.attach),
-    "IA3": Method(ia3.IA3Config, ia3.attach),
+    "LORA": Method(lora.LoraConfig, lora.attach, mergeable=True, cli=lora.CLI),
+    "BOTTLENECK": Method(bottleneck.BottleneckConfig, bottleneck.attach, cli=bottleneck.CLI),
+    "IA3": Method(ia3.IA3Config, ia3.attach, mergeable=True, cli=ia3.CLI),
+    "PROMPT_TUNING": Method(prompt_tuning.PromptTuningConfig, prompt_tuning.attach, kind="inputs",
+                            cli=prompt_tuning.CLI),
+    "P_TUNING": Method(p_tuning.PromptEncoderConfig, p_tuning.attach, kind="inputs", cli=p_tuning.CLI),
+    "PREFIX_TUNING": Method(prefix_tuning.PrefixTuningConfig, prefix_tuning.attach, kind="inputs",
+                            cli=prefix_tuning.CLI),
 }
 
 

@@ -45,6 +45,7 @@ from ..adapter_layer import (
 )
 from ..config import PeftConfig, check_layers, check_names, check_number, is_real_number
 from ..targets import find_targets, is_linear_like, model_type
+from .options import CliOption, MethodCli
 
 PLACEMENTS = ("pfeiffer", "houlsby")
 DEFAULT_NON_LINEARITY = {"pfeiffer": "relu", "houlsby": "swish"}  # AdapterHub's SeqBnConfig / DoubleSeqBnConfig
@@ -534,3 +535,18 @@ def read_adapterhub(directory: str) -> tuple[BottleneckConfig, dict[str, torch.T
     layers = sorted({int(m.group(1)) for k in weights if (m := re.search(r"\.layers?\.(\d+)\.", k))})
     config = config_from_adapterhub(meta.get("config", {}), layers)
     return config, from_adapterhub_state_dict(weights, config.placement)
+
+
+# deltatune train --method bottleneck: AdapterHub's pfeiffer layout (one adapter per block), m = hidden // 16.
+CLI = MethodCli(name="bottleneck", lr=1e-3, options=(
+    CliOption("bottleneck-size", "bottleneck_size", "int", None,
+              "the adapter's inner width m (instead of --reduction-factor)"),
+    CliOption("reduction-factor", "reduction_factor", "number", None,
+              "m = hidden size // this (16 when --bottleneck-size is not given)"),
+    CliOption("placement", "placement", "text", "pfeiffer",
+              "pfeiffer: after the feed-forward block; houlsby: after attention and after the feed-forward block",
+              choices=PLACEMENTS),
+    CliOption("non-linearity", "non_linearity", "text", None,
+              "the adapter's activation (default: relu for pfeiffer, swish for houlsby)",
+              choices=tuple(NON_LINEARITIES)),
+))

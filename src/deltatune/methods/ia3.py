@@ -40,6 +40,7 @@ from ..targets import (
     is_quantized,
     model_type,
 )
+from .options import CliOption, MethodCli
 
 # PEFT's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING / ..._FEEDFORWARD_MODULES_MAPPING (peft 0.21):
 # model_type -> (target_modules, feedforward_modules) used when the config leaves them None.
@@ -557,3 +558,12 @@ def _take_back(model: nn.Module, done: list[tuple[str, IA3Layer | None, nn.Modul
 
 
 __all__ = ["DEFAULT_MODULES", "IA3Config", "IA3Layer", "attach", "is_feedforward"]
+
+
+# deltatune train --method ia3: PEFT's targets per architecture unless --target-modules is given; a vector per
+# layer trains few values, so it takes larger steps than LoRA (lr 1e-2).
+CLI = MethodCli(name="ia3", lr=1e-2, options=(
+    CliOption("feedforward-modules", "feedforward_modules", "names", None,
+              "targets whose input (not output) is scaled: comma-separated names or a regex "
+              "(default: PEFT's for the architecture, e.g. down_proj)"),
+))

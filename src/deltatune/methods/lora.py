@@ -29,6 +29,7 @@ from ..targets import (
     resolve_pattern,
 )
 from .lora_fused import FusedLoraLinear, runs_plain
+from .options import CliOption, MethodCli
 
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = (True, False, "gaussian", "orthogonal")
@@ -712,3 +713,11 @@ def _take_back(model: nn.Module, done: list[tuple[str, LoraLayer | None, nn.Modu
             existing.delete_adapter(adapter_name)
         else:
             replace_module(model, name, base)
+
+
+# deltatune train --method lora: the flags and the defaults of the main job (all linear layers, lr 2e-3).
+CLI = MethodCli(name="lora", lr=2e-3, target_modules="all-linear", options=(
+    CliOption("r", "r", "int", 8, "LoRA rank", label="rank"),
+    CliOption("alpha", "lora_alpha", "number", 16, "LoRA alpha (scale = alpha / r)", positive=True),
+    CliOption("dropout", "lora_dropout", "number", 0.05, "dropout on the input of LoRA's A"),
+))

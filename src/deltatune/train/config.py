@@ -1,7 +1,11 @@
 """``TrainConfig``: every setting of ``deltatune train``, checked before any heavy work.
 
-The dataclass is the single source of truth: the CLI flags are its fields (``--grad-accum`` is
-``grad_accum``), and a YAML file (``--config run.yaml``) holds the same keys; flags win over the file.
+The dataclass is the single source of truth for the run's own settings: the CLI flags are its fields
+(``--grad-accum`` is ``grad_accum``), and a YAML file (``--config run.yaml``) holds the same keys; flags win
+over the file. The adapter methods and their settings come from the method registry (``methods.METHODS``, each
+entry's ``cli``): ``--method`` takes their names, and each method's flags (``--bottleneck-size``, ...) are
+settings here and keys in the YAML file too, kept in ``TrainConfig.options``. LoRA's ``r``, ``alpha`` and
+``dropout`` stay fields, as scripts and files written before other methods existed use them.
 """
 
 from __future__ import annotations
@@ -10,14 +14,15 @@ import dataclasses
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import check_names, is_real_number
+from ..config import PeftConfig, check_names, is_real_number
+from ..methods import METHODS, Method
+from ..methods.options import CliOption, MethodCli
 from ..quant.convert import QUANTIZE_NAMES  # --quantize: storage of the frozen base
 
 FORMATS = ("alpaca", "chat", "text")
-METHODS = ("lora",)
 PRECISIONS = ("auto", "fp32", "bf16")
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
@@ -31,14 +36,18 @@ class TrainConfig:
         data: training file (.jsonl/.json/.csv/.parquet); None = the built-in order-to-JSON task.
         eval_data: held-out file; None = take ``eval_size`` rows out of ``data``.
         format: "alpaca", "chat" or "text"; None = guess from the file's columns.
-        method: the adapter method (only "lora" for now).
-        r, alpha, dropout: LoRA rank, lora_alpha and lora_dropout.
-        target_modules: module names, a regex, or "all-linear" (every Linear but the output head,
-            which learns a new output format faster than q/v only); None = the architecture default.
+        method: the adapter method, a ``--method`` name from the registry (``method_names()``: "lora",
+            "ia3", "bottleneck", ...).
+        r, alpha, dropout: LoRA's rank, lora_alpha and lora_dropout (its ``--r``, ``--alpha``, ``--dropout``);
+            None = LoRA's defaults 8, 16, 0.05. Only --method lora takes them.
+        target_modules: module names, a regex, or "all-linear"; None = the method's default for a run
+            (LoRA: "all-linear", every Linear but the output head, which learns a new output format faster
+            than q/v only; (IA)^3 and bottleneck: their per-architecture defaults).
         epochs: passes over the data (used when max_steps <= 0).
         max_steps: optimizer steps; > 0 overrides epochs. The built-in task generates
             max_steps * batch_size * grad_accum training examples, so each is seen once.
-        lr: peak learning rate (linear warm-up over the first 5% of steps, then linear decay).
+        lr: peak learning rate (linear warm-up over the first 5% of steps, then linear decay); None = the
+            method's default (LoRA 2e-3, (IA)^3 1e-2, bottleneck 1e-3).
         batch_size: examples per device per micro-batch.
         grad_accum: micro-batches per optimizer step (4 x 2 = 8 examples a step by default:
             the same update as batch 8, with half the activation memory).
@@ -57,6 +66,9 @@ class TrainConfig:
             AVX512-BF16 / AMX), fp32 elsewhere.
         quantize: None, "nf4", "fp4" or "int8": store the frozen base's linear layers in 4 or 8 bits
             (QLoRA); the adapter trains in float beside them.
+        options: the chosen method's other settings by their key (``{"bottleneck_size": 64}``), as
+            ``--bottleneck-size 64`` or ``bottleneck_size: 64`` in the YAML file give them; a setting another
+            method declares is refused, naming its method.
     """
 
     model: str | None = None
@@ -64,13 +76,13 @@ class TrainConfig:
     eval_data: str | None = None
     format: str | None = None
     method: str = "lora"
-    r: int = 8
-    alpha: float = 16
-    dropout: float = 0.05
-    target_modules: list[str] | str | None = "all-linear"
+    r: int | None = None
+    alpha: float | None = None
+    dropout: float | None = None
+    target_modules: list[str] | str | None = None
     epochs: float = 1.0
     max_steps: int = 0
-    lr: float = 2e-3
+    lr: float | None = None
     batch_size: int = 4
     grad_accum: int = 2
     max_length: int = 256
@@ -84,27 +96,34 @@ class TrainConfig:
     threads: int | None = None
     precision: str = "auto"
     quantize: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if isinstance(self.target_modules, str) and "," in self.target_modules:
-            self.target_modules = [t.strip() for t in self.target_modules.split(",") if t.strip()]
+        self.target_modules = _split_names(self.target_modules)
+        if isinstance(self.options, dict):
+            self.options = dict(self.options)  # defaults are filled in: never into the caller's dict
         self.validate()
 
     def validate(self) -> None:
         """Raise ValueError / FileNotFoundError for a bad setting, naming it and what is expected.
 
         Every check here is cheap and touches nothing on disk, so a bad value (a NaN learning rate, a
-        number written in quotes in the YAML file) stops the run before anything is loaded or removed.
+        number written in quotes in the YAML file, a bottleneck size of 0) stops the run before anything is
+        loaded or removed. Settings left None get the chosen method's defaults first (lr, target_modules, its
+        flags); the method's settings are checked by building its config, so its own checks speak.
         """
         self._check_types()
-        for name in ("r", "batch_size", "grad_accum", "save_steps"):
+        for name, allowed in (("format", FORMATS), ("precision", PRECISIONS), ("quantize", QUANTIZE_NAMES),
+                              ("method", method_names())):
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                raise ValueError(f"Unknown {name} {value!r}; expected one of {', '.join(allowed)}"
+                                 f"{' or none' if name == 'quantize' else ''}.")
+        self._use_method_defaults()
+        for name in ("batch_size", "grad_accum", "save_steps"):
             _positive_int(name, getattr(self, name))
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}.")
-        if self.alpha <= 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha!r}.")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ValueError(f"Give epochs > 0 or max_steps > 0 (got epochs={self.epochs}, "
                              f"max_steps={self.max_steps}).")
@@ -117,37 +136,75 @@ class TrainConfig:
         for name in ("threads", "max_new_tokens"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
-        for name, allowed in (("format", FORMATS), ("precision", PRECISIONS), ("quantize", QUANTIZE_NAMES),
-                              ("method", METHODS)):
-            value = getattr(self, name)
-            if value is not None and value not in allowed:
-                raise ValueError(f"Unknown {name} {value!r}; expected one of {', '.join(allowed)}"
-                                 f"{' or none' if name == 'quantize' else ''}.")
         check_names("target_modules", self.target_modules)
+        self._check_method_settings()
         for key in ("data", "eval_data"):
             _check_data_path(key, getattr(self, key))
         if self.output is not None:
             _check_output_path(self.output)
 
     def _check_types(self) -> None:
-        """Each setting has the type its field says; a YAML value in quotes ("16") is text, not a number."""
+        """Each setting has the type its field says; a YAML value in quotes ("16") is text, not a number.
+
+        The method's settings (LoRA's r/alpha/dropout fields and ``options``) have the kinds their method
+        declares, checked in ``_check_method_settings``.
+        """
         for f in dataclasses.fields(self):
             value, kind = getattr(self, f.name), FIELD_KINDS[f.name]
-            if value is None and f.name in OPTIONAL:
+            if kind == "options" and not isinstance(value, dict):
+                raise ValueError(f"options must be a mapping of method settings, got {_shown(value)}.")
+            if kind == "method setting" or (value is None and f.name in OPTIONAL):
                 continue
-            if kind == "int" and (not isinstance(value, int) or isinstance(value, bool)):
-                raise ValueError(f"{f.name} must be an integer, got {_shown(value)}.")
-            if kind == "number" and not is_real_number(value):
-                raise ValueError(f"{f.name} must be a number, got {_shown(value)}.")
-            if kind == "number" and not math.isfinite(value):
-                raise ValueError(f"{f.name} must be a finite number, got {value!r} (NaN and infinity make the "
-                                 "run's weights or length meaningless).")
-            if kind == "text" and not isinstance(value, str):
-                raise ValueError(f"{f.name} must be text, got {_shown(value)}.")
-            if kind == "text" and not value:
-                raise ValueError(f"{f.name} must not be empty; leave it out for the default.")
-            if kind == "bool" and not isinstance(value, bool):
-                raise ValueError(f"{f.name} must be true or false, got {_shown(value)}.")
+            _check_kind(f.name, value, kind)
+
+    def option(self, key: str) -> Any:
+        """The value of method setting ``key`` (a field for LoRA's r/alpha/dropout, else in ``options``)."""
+        return getattr(self, key) if key in _FIELDS else self.options.get(key)
+
+    def _set_option(self, key: str, value: Any) -> None:
+        if key in _FIELDS:
+            setattr(self, key, value)
+        else:
+            self.options[key] = value
+
+    def _use_method_defaults(self) -> None:
+        """Fill what is left None with the chosen method's defaults: lr, target_modules and its flags; split a
+        comma-separated list of names. Idempotent, so validate() can run again after a change."""
+        cli = method_cli(self.method)
+        if self.lr is None:
+            self.lr = cli.lr
+        if self.target_modules is None:
+            self.target_modules = cli.target_modules
+        for opt in cli.options:
+            value = self.option(opt.key)
+            if value is None and opt.default is not None:
+                self._set_option(opt.key, opt.default)
+            elif value is not None and opt.kind == "names":
+                self._set_option(opt.key, _split_names(value))
+
+    def _check_method_settings(self) -> None:
+        """Every method setting given is known and belongs to the chosen method, has its declared type, and
+        the method's config accepts the lot (its own checks, worded with the flag's name)."""
+        declared = {opt.key: opt for opt in method_cli(self.method).options}
+        known = method_options()
+        for key in sorted(self.options):
+            if key in _FIELDS:
+                raise ValueError(f"options: {key!r} is a TrainConfig field; give it as {key}=..., not in options.")
+            if key not in known:
+                raise ValueError(f"options: unknown method setting {key!r}; known: {', '.join(sorted(known))}.")
+        for key in sorted(known):
+            if self.option(key) is not None and key not in declared:
+                owners = " / ".join(f"--method {name}" for name, _ in known[key])
+                takes = ", ".join(f"--{opt.flag}" for opt in declared.values()) or "no method settings"
+                raise ValueError(f"{key} is a setting of {owners}, not of --method {self.method} (which takes "
+                                 f"{takes}).")
+        for key, opt in declared.items():
+            _check_option(opt, self.option(key))
+        method = method_entry(self.method)
+        if self.target_modules is not None and not takes_targets(method):
+            raise ValueError(f"target_modules does not apply to --method {self.method}: it adapts no modules "
+                             f"({method.config_class.__name__} has no target_modules).")
+        method_config(self)
 
     @property
     def use_bf16(self) -> bool:
@@ -165,15 +222,128 @@ class TrainConfig:
         return self.output or os.path.join("runs", "default")
 
 
-# How each setting is checked: its type (None is allowed for the OPTIONAL ones), ranges in validate().
+# How each setting is checked: its type (None is allowed for the OPTIONAL ones), ranges in validate(). LoRA's
+# r, alpha and dropout are checked as lora's registry entry declares them ("method setting").
 FIELD_KINDS = {
-    "model": "text", "data": "text", "eval_data": "text", "format": "text", "method": "text", "r": "int",
-    "alpha": "number", "dropout": "number", "target_modules": "names", "epochs": "number", "max_steps": "int",
-    "lr": "number", "batch_size": "int", "grad_accum": "int", "max_length": "int", "seed": "int", "output": "text",
-    "resume": "bool", "overwrite": "bool", "eval_size": "int", "max_new_tokens": "int", "save_steps": "int",
-    "threads": "int", "precision": "text", "quantize": "text",
+    "model": "text", "data": "text", "eval_data": "text", "format": "text", "method": "text",
+    "r": "method setting", "alpha": "method setting", "dropout": "method setting", "target_modules": "names",
+    "epochs": "number", "max_steps": "int", "lr": "number", "batch_size": "int", "grad_accum": "int",
+    "max_length": "int", "seed": "int", "output": "text", "resume": "bool", "overwrite": "bool", "eval_size": "int",
+    "max_new_tokens": "int", "save_steps": "int", "threads": "int", "precision": "text", "quantize": "text",
+    "options": "options",
 }
-OPTIONAL = frozenset({"model", "data", "eval_data", "format", "output", "max_new_tokens", "threads", "quantize"})
+OPTIONAL = frozenset({"model", "data", "eval_data", "format", "output", "max_new_tokens", "threads", "quantize",
+                      "lr", "target_modules"})
+_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig)) - {"options"}
+
+
+# ---- the methods, from the registry ------------------------------------------------------------------------------
+
+def cli_methods() -> dict[str, Method]:
+    """``--method`` name -> registry entry, in registry order (the methods that declare a ``cli``)."""
+    return {method.cli.name: method for method in METHODS.values() if method.cli is not None}
+
+
+def method_names() -> tuple[str, ...]:
+    """The ``--method`` choices."""
+    return tuple(cli_methods())
+
+
+def method_entry(name: str) -> Method:
+    """The registry entry of ``--method name`` (a known name: validate() checked it)."""
+    return cli_methods()[name]
+
+
+def method_cli(name: str) -> MethodCli:
+    """The ``MethodCli`` of ``--method name``."""
+    return method_entry(name).cli
+
+
+def method_options() -> dict[str, list[tuple[str, CliOption]]]:
+    """Setting key -> [(method name, its declaration)] over every method; methods may share a flag."""
+    found: dict[str, list[tuple[str, CliOption]]] = {}
+    for name, method in cli_methods().items():
+        for opt in method.cli.options:
+            found.setdefault(opt.key, []).append((name, opt))
+    return found
+
+
+def takes_targets(method: Method) -> bool:
+    """Whether the method adapts modules chosen by ``target_modules`` (prompt-type methods do not)."""
+    return any(f.name == "target_modules" for f in dataclasses.fields(method.config_class))
+
+
+def method_config(config: TrainConfig, base_name: str | None = None) -> PeftConfig:
+    """The adapter config of the run: the chosen method's config class built from its settings.
+
+    ``base_name`` is what adapter_config.json records as the base model: for the bundled SmolLM2 its hub id
+    (``ModelSource.name``), which PEFT and vLLM can load and deltatune maps back to the bundled file.
+
+    Raises:
+        ValueError: the config class refuses a value; the message names the flag (``alpha``, not
+            ``lora_alpha``) where the two differ.
+    """
+    method = method_entry(config.method)
+    values = {opt.field: config.option(opt.key) for opt in method.cli.options if config.option(opt.key) is not None}
+    if takes_targets(method):
+        values["target_modules"] = config.target_modules
+    try:
+        return method.config_class(task_type="CAUSAL_LM", base_model_name_or_path=base_name, **values)
+    except ValueError as err:
+        raise ValueError(_worded_as_flags(str(err), method.cli.options)) from err
+
+
+def _worded_as_flags(message: str, options: tuple[CliOption, ...]) -> str:
+    """A config error that starts with a field name, started with the setting's name instead."""
+    for opt in options:
+        if opt.field != opt.key and message.startswith(opt.field):
+            return opt.key + message[len(opt.field):]
+    return message
+
+
+def _check_option(opt: CliOption, value: Any) -> None:
+    """A method setting's value against its declaration (None = not given)."""
+    if value is None:
+        return
+    if opt.kind == "names":
+        check_names(opt.key, value)
+        return
+    _check_kind(opt.key, value, opt.kind)
+    if opt.choices and value not in opt.choices:
+        raise ValueError(f"Unknown {opt.key} {value!r}; expected one of {', '.join(opt.choices)}.")
+    if opt.positive and value <= 0:
+        raise ValueError(f"{opt.key} must be > 0, got {value!r}.")
+
+
+def _check_kind(name: str, value: Any, kind: str) -> None:
+    """``value`` is of ``kind`` ("int", "number", "text", "bool"; "names" is checked by check_names)."""
+    if kind == "int" and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ValueError(f"{name} must be an integer, got {_shown(value)}.")
+    if kind == "number" and not is_real_number(value):
+        raise ValueError(f"{name} must be a number, got {_shown(value)}.")
+    if kind == "number" and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r} (NaN and infinity make the "
+                         "run's weights or length meaningless).")
+    if kind == "text" and not isinstance(value, str):
+        raise ValueError(f"{name} must be text, got {_shown(value)}.")
+    if kind == "text" and not value:
+        raise ValueError(f"{name} must not be empty; leave it out for the default.")
+    if kind == "bool" and not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {_shown(value)}.")
+
+
+_PLAIN_NAME = re.compile(r"[\w.]+")
+
+
+def _split_names(value: Any) -> Any:
+    """"q_proj,v_proj" (a flag or YAML text) as a list of names, and so is one plain name ("down_proj"): as a
+    config's string it would be a regex that must match a module's whole dotted name, which a bare name never
+    does (a silent no-op for feedforward_modules). A regex or "all-linear" stays as it is."""
+    if isinstance(value, str) and "," in value:
+        return [name.strip() for name in value.split(",") if name.strip()]
+    if isinstance(value, str) and _PLAIN_NAME.fullmatch(value):
+        return [value]
+    return value
 
 
 def _shown(value: Any) -> str:
@@ -212,7 +382,9 @@ def _check_data_path(key: str, path: str | None) -> None:
 
 
 def field_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(TrainConfig)]
+    """Every setting's name: TrainConfig's fields and every method's settings (the flags and YAML keys)."""
+    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "options"]
+    return names + [key for key in method_options() if key not in _FIELDS]
 
 
 def config_from_sources(yaml_path: str | None, overrides: dict[str, Any]) -> TrainConfig:
@@ -227,8 +399,9 @@ def config_from_sources(yaml_path: str | None, overrides: dict[str, Any]) -> Tra
         values.update(_read_yaml(yaml_path))
     from_file = set(values) - {k for k, v in overrides.items() if v is not None}
     values.update({k: v for k, v in overrides.items() if v is not None})
+    options = {key: values.pop(key) for key in list(values) if key not in _FIELDS}
     try:
-        return TrainConfig(**values)
+        return TrainConfig(**values, options=options)
     except (ValueError, FileNotFoundError) as err:  # a bad value from the file: say which file
         message = str(err)
         if any(message.startswith((f"{key} ", f"{key}=", f"Unknown {key} ")) for key in from_file):

@@ -22,6 +22,7 @@ from ..formats.models import (
     resolve_model,
     save_full_model,
 )
+from ..methods import METHODS, method_for
 from ..model import PeftModel
 from . import data as datamod
 from .evaluate import EvalResult, evaluate
@@ -170,14 +171,17 @@ def merge(adapter: str, output: str, dtype: str = "float32", model: str | None =
         overwrite: allow ``output`` to hold an adapter or a model already (refused otherwise).
 
     Raises:
-        ValueError: unknown dtype; an output that is a file, cannot be written, holds an adapter or model
-            (without ``overwrite``), is the adapter folder or is in the base model's folder (all checked
-            before loading); a merge that would hold NaN/Inf (nothing is written).
+        ValueError: unknown dtype; an adapter of a method that cannot merge (bottleneck, prompt-type); an output
+            that is a file, cannot be written, holds an adapter or model (without ``overwrite``), is the adapter
+            folder or is in the base model's folder (all checked before loading); a merge that would hold
+            NaN/Inf (nothing is written).
     """
     from ..formats.models import DTYPES
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
+    base_model_of(adapter, model)  # an adapter folder with a readable config, or a clear error
+    check_mergeable(adapter)  # the method's own blocker first: a missing base model would only hide it
     source = base_source(adapter, model)
     check_output(output, {source.directory: "the base model's folder"}, overwrite, command="merge")
     if os.path.realpath(output) == os.path.realpath(adapter):
@@ -190,6 +194,29 @@ def merge(adapter: str, output: str, dtype: str = "float32", model: str | None =
     merged.config.name_or_path = output
     save_full_model(merged, tokenizer, output, dtype)  # checks every tensor for NaN/Inf before writing any file
     return output
+
+
+def check_mergeable(adapter: str) -> None:
+    """Refuse, before any model is loaded or anything written, an adapter whose method cannot be merged.
+
+    The registry says which methods merge: those whose trained change is a change of the base weights (LoRA,
+    (IA)^3). A bottleneck adapter adds a small non-linear network, prompt-type methods add inputs; no weights
+    of the base model compute either.
+
+    Raises:
+        ValueError: the adapter's method does not merge (names it and the methods that do), or its peft_type is
+            not a method deltatune knows (names the file).
+    """
+    peft_type = read_config_dict(adapter).get("peft_type")
+    method = method_for(peft_type, os.path.join(adapter, CONFIG_NAME))
+    if method.mergeable:
+        return
+    name = method.cli.name if method.cli is not None else peft_type
+    mergeable = ", ".join(m.cli.name if m.cli is not None else key for key, m in METHODS.items() if m.mergeable)
+    raise ValueError(f"{adapter} is a {name} adapter ({peft_type}), which cannot be merged into the base model: "
+                     "what it adds (a small network beside the layers, or extra inputs) is no change of the base "
+                     f"weights. Nothing was written. Use it unmerged (deltatune generate / chat / evaluate --adapter "
+                     f"{adapter}). The methods that merge: {mergeable}.")
 
 
 def requantize_report(merged_dir: str, quantize: str) -> str:

@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 from safetensors import safe_open
 
 from ..config import CONFIG_NAME, PeftConfig, read_config_dict
 from ..formats.peft import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
+from ..methods import method_for
+
+# The trained tensors' own names at the end of a file key (LoRA's lora_A / lora_embedding_B, (IA)^3's ia3_l, a
+# bottleneck adapter's adapter_down / adapter_up): what is left before them is the adapted module.
+_ADAPTER_TENSOR = re.compile(r"\.(lora_\w+?|ia3_l|adapter_down|adapter_up)(\.(weight|bias))?$")
 
 
 def inspect_adapter(directory: str) -> dict[str, Any]:
-    """Method, rank, alpha, targets, parameter count, file size and base model of an adapter folder.
+    """Method, its settings, targets, parameter count, file size and base model of an adapter folder.
 
+    The settings shown are the ones ``deltatune train`` has flags for, named as the flags (``rank`` for LoRA's
+    r): the registry entry of the file's method says which, so every method shows its own (LoRA: rank, alpha,
+    dropout; (IA)^3: feed-forward modules; bottleneck: size, reduction factor, placement, non-linearity).
     The config is checked as loading would check it, so inspect never reports an adapter that cannot load.
 
     Raises:
@@ -32,28 +41,42 @@ def inspect_adapter(directory: str) -> dict[str, Any]:
         raise FileNotFoundError(f"{directory!r} has no {WEIGHTS_NAME}" +
                                 (f" (only the legacy {LEGACY_WEIGHTS_NAME}, which inspect does not read)"
                                  if os.path.isfile(legacy) else "") + ".")
-    params, tensors, modules = 0, 0, set()
-    for key, shape in _tensor_shapes(weights).items():
+    shapes = _tensor_shapes(weights)
+    params, modules = 0, set()
+    for key, shape in shapes.items():
         count = 1
         for size in shape:
             count *= size
         params += count
-        tensors += 1
-        modules.add(key.split(".lora_")[0] if ".lora_" in key else key)
+        modules.add(_ADAPTER_TENSOR.sub("", key))
     targets = config.get("target_modules")
     return {
         "method": config.get("peft_type"),
-        "rank": config.get("r"),
-        "alpha": config.get("lora_alpha"),
-        "dropout": config.get("lora_dropout"),
+        **method_settings(config, shapes),
         "targets": sorted(targets) if isinstance(targets, list) else targets,
         "adapted_modules": len(modules),
         "parameters": params,
-        "tensors": tensors,
+        "tensors": len(shapes),
         "file_bytes": os.path.getsize(weights),
         "base_model": config.get("base_model_name_or_path"),
         "task_type": config.get("task_type"),
     }
+
+
+def method_settings(config: dict[str, Any], shapes: dict[str, list[int]]) -> dict[str, Any]:
+    """The method's own settings from its adapter_config.json, by the names of its ``deltatune train`` flags.
+
+    A bottleneck adapter sized by reduction_factor records no bottleneck_size; its size is read from the
+    tensors (adapter_down is m x hidden), so inspect always says how wide the adapter is.
+    """
+    method = method_for(config.get("peft_type"))
+    if method.cli is None:
+        return {}
+    settings = {opt.label or opt.key: config.get(opt.field) for opt in method.cli.options}
+    if "bottleneck_size" in settings and settings["bottleneck_size"] is None:
+        sizes = sorted({shape[0] for key, shape in shapes.items() if key.endswith("adapter_down.weight")})
+        settings["bottleneck_size"] = sizes[0] if len(sizes) == 1 else sizes or None
+    return settings
 
 
 def _tensor_shapes(path: str) -> dict[str, list[int]]:

@@ -24,13 +24,15 @@ from typing import Any
 import torch
 from transformers import PrinterCallback
 
+from ..config import PeftConfig
 from ..formats.models import ModelSource, load_model, load_tokenizer, resolve_model
 from ..formats.peft import non_finite_keys
+from ..methods import bottleneck
 from ..methods.lora import LoraConfig
 from ..targets import base_of, default_target_modules, find_targets
 from ..tasks import get_peft_model
 from . import data as datamod
-from .config import TrainConfig
+from .config import TrainConfig, method_config
 from .evaluate import default_max_new_tokens, evaluate
 from .outputs import CHECKPOINTS, check_output
 from .report import RunSummary, plot_loss, print_summary, write_log, write_run_info
@@ -99,26 +101,16 @@ def _set_threads(config: TrainConfig) -> None:
     torch.set_num_threads(threads)
 
 
-def lora_config(config: TrainConfig, base_name: str) -> LoraConfig:
-    """The adapter's config; ``base_name`` is what adapter_config.json records as the base model.
-
-    For the bundled SmolLM2 that is its hub id (``ModelSource.name``), which PEFT and vLLM can load
-    and deltatune maps back to the bundled file; the local file is in run_summary.json.
-    """
-    return LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                      target_modules=config.target_modules, task_type="CAUSAL_LM",
-                      base_model_name_or_path=base_name)
-
-
 def train(config: TrainConfig) -> RunSummary:
-    """Fine-tune ``config.model`` with LoRA on ``config.data``; write the adapter and report.
+    """Fine-tune ``config.model`` with ``config.method`` (LoRA by default) on ``config.data``; write the adapter
+    and report.
 
     Returns:
         The run summary (before/after exact match, steps, timings), also written as JSON.
 
     Raises:
         FileNotFoundError / ValueError: bad settings, model path, output folder or data, raised before the
-            model is loaded; a rank too large for this machine's memory, before the adapter is allocated.
+            model is loaded; an adapter too large for this machine's memory, before it is allocated.
         NonFiniteTrainingError (a ValueError): the loss, gradient norm or weights became NaN/Inf; the checkpoints
             written before that step are kept, and the message names the last one.
         KeyboardInterrupt: propagates after saying how to resume.
@@ -130,7 +122,7 @@ def train(config: TrainConfig) -> RunSummary:
     output = config.output_dir
     checkpoints = os.path.join(output, CHECKPOINTS)
     check_output(output, {source.directory: "the base model's folder"}, config.overwrite, config.resume)
-    peft_config = lora_config(config, source.name)  # refuses a bad alpha, dropout or target regex now
+    peft_config = method_config(config, source.name)  # the method's own checks, before anything is loaded
     resume_from = resumable_checkpoint(checkpoints, lambda text: _say(main, text)) if config.resume else None
     _set_threads(config)
     tokenizer = load_tokenizer(source)
@@ -139,6 +131,7 @@ def train(config: TrainConfig) -> RunSummary:
     _say(main, f"base model: {_describe_base(source)}\ndata: {prepared.source} "
                f"({len(prepared.train.rows)} training rows, {len(prepared.eval_examples)} held-out, "
                f"format {prepared.fmt})")
+    _say(main, f"method: {config.method} (lr {config.lr:g})")
     if prepared.train.truncated:
         _say(main, f"{prepared.train.truncated} training rows are longer than max_length={config.max_length}; cut.")
 
@@ -227,28 +220,58 @@ def _save_adapter(peft_model: Any, output: str, checkpoints: str, step: int) -> 
     peft_model.save_pretrained(output)
 
 
-def check_adapter_fits(model: torch.nn.Module, config: LoraConfig, bytes_per_value: int = 16) -> None:
-    """Refuse a rank whose adapter cannot be trained in this machine's memory, before allocating any of it.
+def check_adapter_fits(model: torch.nn.Module, config: PeftConfig, bytes_per_value: int = 16) -> None:
+    """Refuse an adapter that cannot be trained in this machine's memory, before allocating any of it.
 
     On Linux a huge allocation does not fail cleanly: memory is overcommitted, so it succeeds, and the kernel
-    kills the process when the pages are first written. The estimate is r * (in + out) values per adapted
-    layer, each held four times in float32 while training (weight, gradient, AdamW's two moments).
+    kills the process when the pages are first written. Each value is held four times in float32 while training
+    (weight, gradient, AdamW's two moments). Only methods whose size a flag sets without bound are estimated:
+    LoRA (r * (in + out) per layer) and bottleneck adapters (2 * m * hidden per adapter); an (IA)^3 vector is
+    as wide as its layer.
 
     Raises:
-        ValueError: the estimate exceeds the memory available now; names r and both sizes.
+        ValueError: the estimate exceeds the memory available now; names the setting and both sizes.
     """
     available = _available_memory()
     if available is None:
         return
-    targets = config.target_modules if config.target_modules is not None else default_target_modules(model)
-    names = find_targets(model, targets, exclude_modules=config.exclude_modules)
-    values = sum(config.r * _layer_width(base_of(model.get_submodule(name))) for name in names)
+    if isinstance(config, LoraConfig):
+        setting, fix = f"r={config.r}", "Choose a smaller --r (usually 4-64; a rank above a layer's width adds nothing)"
+        names, values = _lora_values(model, config)
+    elif isinstance(config, bottleneck.BottleneckConfig):
+        setting, names, values = _bottleneck_values(model, config)
+        fix = "Choose a smaller --bottleneck-size or a larger --reduction-factor (the default, 16, gives hidden / 16)"
+    else:
+        return
     needed = values * bytes_per_value
     if needed > available:
-        raise ValueError(f"r={config.r} makes an adapter of {values:,} values over {len(names)} layers; training it "
+        raise ValueError(f"{setting} makes an adapter of {values:,} values over {len(names)} layers; training it "
                          f"needs about {needed / 2**30:,.1f} GiB (weights, gradients and AdamW state in float32), "
-                         f"and {available / 2**30:.1f} GiB of memory is available. Choose a smaller --r (usually "
-                         "4-64; a rank above a layer's width adds nothing).")
+                         f"and {available / 2**30:.1f} GiB of memory is available. {fix}.")
+
+
+def _lora_values(model: torch.nn.Module, config: LoraConfig) -> tuple[list[str], int]:
+    """LoRA's adapted layers and its number of values: r * (in + out) per layer."""
+    targets = config.target_modules if config.target_modules is not None else default_target_modules(model)
+    names = find_targets(model, targets, exclude_modules=config.exclude_modules)
+    return names, sum(config.r * _layer_width(base_of(model.get_submodule(name))) for name in names)
+
+
+def _bottleneck_values(model: torch.nn.Module, config: bottleneck.BottleneckConfig) -> tuple[str, list[str], int]:
+    """(the setting, the adapted modules, the number of values): down and up projection, m * (2 * hidden + 1) + hidden
+    per adapter, with hidden the model's width (the adapters' own checks, in attach, see each module's)."""
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if not isinstance(hidden, int) or hidden <= 0:
+        return "", [], 0
+    targets = config.target_modules if config.target_modules is not None else \
+        bottleneck.default_target_modules(model, config.placement)
+    names = find_targets(model, targets, layers_to_transform=config.layers_to_transform,
+                         layers_pattern=config.layers_pattern)
+    if config.bottleneck_size is not None:
+        size, setting = config.bottleneck_size, f"bottleneck_size={config.bottleneck_size}"
+    else:
+        size, setting = int(hidden // config.reduction_factor), f"reduction_factor={config.reduction_factor}"
+    return setting, names, len(names) * (size * (2 * hidden + 1) + hidden)
 
 
 def _layer_width(module: torch.nn.Module) -> int:
