@@ -212,7 +212,7 @@ class PeftConfig:
             ValueError: a bad or unknown config, a revision, or a file of another method than ``cls``.
             TypeError: a keyword argument that is neither a config field nor a Hub download option.
         """
-        directory = _local_config_folder(pretrained_model_name_or_path, subfolder, kwargs.pop("revision", None))
+        directory = local_adapter_folder(pretrained_model_name_or_path, subfolder, kwargs.pop("revision", None))
         hub_options = sorted(k for k in kwargs if k in HUB_DOWNLOAD_KWARGS and kwargs[k] not in (None, False))
         if hub_options:
             warnings.warn(f"{hub_options} only apply to downloads from the Hub and have no effect on the local "
@@ -352,17 +352,17 @@ def _default(f: dataclasses.Field) -> Any:
     return f.default
 
 
-def _local_config_folder(path: str | os.PathLike, subfolder: str | None, revision: str | None) -> str:
-    """The folder to read a config from, or an error saying why there is none (no Hub access here)."""
+def local_adapter_folder(path: str | os.PathLike, subfolder: str | None, revision: str | None) -> str:
+    """The local adapter folder (``path``/``subfolder``), or an error saying why there is none (no Hub access here)."""
     if revision not in (None, "main"):
         raise ValueError(f"revision={revision!r} needs the Hugging Face Hub; deltatune reads configs from local "
                          "folders only (download that revision first, e.g. with huggingface_hub.snapshot_download).")
     directory = os.path.join(os.fspath(path), subfolder) if subfolder else os.fspath(path)
     if not os.path.isdir(directory):
         raise FileNotFoundError(
-            f"No folder {directory!r}. deltatune reads adapter configs from local folders only: downloading "
-            f"from the Hugging Face Hub is not available offline. Download the adapter first and pass its "
-            f"folder (the one holding {CONFIG_NAME})."
+            f"Adapter folder {directory!r} does not exist. deltatune reads adapters from local folders only: "
+            f"downloading from the Hugging Face Hub is not available offline. Pass the folder that "
+            f"save_pretrained wrote (it holds {CONFIG_NAME}), or download the adapter first."
         )
     return directory
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .config import CONFIG_NAME, HUB_DOWNLOAD_KWARGS, PeftConfig, read_config_dict
+from .config import CONFIG_NAME, HUB_DOWNLOAD_KWARGS, PeftConfig, local_adapter_folder, read_config_dict
 from .formats.peft import read_adapter_weights
 from .methods import config_from_dict
 
@@ -97,15 +97,7 @@ def read_adapter(
     if ephemeral_gpu_offload:
         raise ValueError("ephemeral_gpu_offload=True is not supported yet by deltatune; load the adapter "
                          "onto the device the model is on (torch_device=...).")
-    if revision not in (None, "main"):
-        raise ValueError(f"revision={revision!r} needs the Hugging Face Hub; deltatune loads adapters from local "
-                         "folders only (download the revision first, e.g. with huggingface_hub.snapshot_download).")
-    directory = os.path.join(os.fspath(model_id), subfolder) if subfolder else os.fspath(model_id)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(
-            f"Adapter folder {directory!r} does not exist. deltatune loads adapters from local folders (no Hub "
-            f"download); pass the folder that save_pretrained wrote (it holds {CONFIG_NAME})."
-        )
+    directory = local_adapter_folder(model_id, subfolder, revision)
     given = [k for k in kwargs if kwargs[k] not in (None, False)]
     if given:
         warnings.warn(f"{given} only apply to downloads from the Hub and have no effect on the local folder "

@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import re
 import sys
+import warnings
 from collections.abc import Iterable
 
 from torch import nn
@@ -62,6 +63,21 @@ def is_gpt2_conv1d(module: nn.Module) -> bool:
     """transformers' Conv1D (GPT-2 and relatives): a linear layer whose weight is stored (in, out)."""
     conv1d = gpt2_conv1d_class()
     return conv1d is not None and isinstance(module, conv1d)
+
+
+def fan_in_fan_out_for(base: nn.Module, config: object, name: str) -> bool:
+    """Whether ``base`` stores its weight (in, out), as GPT-2's Conv1D does; a wrong ``config.fan_in_fan_out`` is
+    corrected with a warning, as PEFT does (for every method that has the flag)."""
+    conv1d = gpt2_conv1d_class()
+    if conv1d is not None and isinstance(base, conv1d):
+        if not config.fan_in_fan_out:
+            warnings.warn(f"{name} is a Conv1D (weight stored in x out); setting fan_in_fan_out=True.", stacklevel=3)
+            config.fan_in_fan_out = True
+        return True
+    if config.fan_in_fan_out and isinstance(base, nn.Linear):
+        warnings.warn(f"{name} is an nn.Linear; fan_in_fan_out=True does not apply and is set to False.", stacklevel=3)
+        config.fan_in_fan_out = False
+    return False
 
 
 def is_quantized(module: nn.Module) -> bool:

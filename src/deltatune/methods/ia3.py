@@ -15,7 +15,6 @@ files move both ways.
 from __future__ import annotations
 
 import re
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,8 +32,8 @@ from ..adapter_layer import (
 from ..config import PeftConfig, check_names
 from ..quant.bnb import bnb_weight_kind
 from ..targets import (
+    fan_in_fan_out_for,
     find_targets,
-    gpt2_conv1d_class,
     is_linear_like,
     is_modules_to_save_wrapper,
     is_quantized,
@@ -491,20 +490,6 @@ def _refuse_other_methods(model: nn.Module) -> None:
             )
 
 
-def _fan_in_fan_out_for(base: nn.Module, config: IA3Config, name: str) -> bool:
-    """GPT-2's Conv1D stores its weight transposed; PEFT corrects a wrong flag in the config with a warning."""
-    conv1d = gpt2_conv1d_class()
-    if conv1d is not None and isinstance(base, conv1d):
-        if not config.fan_in_fan_out:
-            warnings.warn(f"{name} is a Conv1D (weight stored in x out); setting fan_in_fan_out=True.", stacklevel=3)
-            config.fan_in_fan_out = True
-        return True
-    if config.fan_in_fan_out and isinstance(base, nn.Linear):
-        warnings.warn(f"{name} is an nn.Linear; fan_in_fan_out=True does not apply and is set to False.", stacklevel=3)
-        config.fan_in_fan_out = False
-    return False
-
-
 def attach(model: nn.Module, config: IA3Config, adapter_name: str) -> list[str]:
     """Add (IA)^3 adapter ``adapter_name`` to every module ``config`` targets; returns their names.
 
@@ -536,7 +521,7 @@ def attach(model: nn.Module, config: IA3Config, adapter_name: str) -> list[str]:
     done: list[tuple[str, IA3Layer | None, nn.Module]] = []
     try:
         for name, existing, base, feeds_forward in plans:
-            layer = existing or IA3Layer(base, fan_in_fan_out=_fan_in_fan_out_for(base, config, name))
+            layer = existing or IA3Layer(base, fan_in_fan_out=fan_in_fan_out_for(base, config, name))
             layer.add_adapter(adapter_name, feeds_forward, config.init_ia3_weights)
             if existing is None:
                 replace_module(model, name, layer)

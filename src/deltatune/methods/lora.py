@@ -22,6 +22,7 @@ from ..config import PeftConfig, check_layers, check_names, check_number, check_
 from ..quant.bnb import bnb_add_to_weight, bnb_dequantized_weight, bnb_weight_kind
 from ..targets import (
     default_target_modules,
+    fan_in_fan_out_for,
     find_targets,
     gpt2_conv1d_class,
     is_linear_like,
@@ -643,20 +644,6 @@ class LoraLayer(nn.Module):
         return f"kind={self.kind}, r={self.r}, scaling={self.scaling}"
 
 
-def _fan_in_fan_out_for(base: nn.Module, config: LoraConfig, name: str) -> bool:
-    """GPT-2's Conv1D stores its weight transposed; PEFT corrects a wrong flag with a warning."""
-    conv1d = gpt2_conv1d_class()
-    if conv1d is not None and isinstance(base, conv1d):
-        if not config.fan_in_fan_out:
-            warnings.warn(f"{name} is a Conv1D (weight stored in x out); setting fan_in_fan_out=True.", stacklevel=3)
-            config.fan_in_fan_out = True
-        return True
-    if config.fan_in_fan_out and isinstance(base, nn.Linear):
-        warnings.warn(f"{name} is an nn.Linear; fan_in_fan_out=True does not apply and is set to False.", stacklevel=3)
-        config.fan_in_fan_out = False
-    return False
-
-
 def attach(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
     """Add LoRA adapter ``adapter_name`` to every module ``config`` targets; returns their names.
 
@@ -685,7 +672,7 @@ def attach(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
     done: list[tuple[str, LoraLayer | None, nn.Module]] = []
     try:
         for name, existing, base, r in plans:
-            layer = existing or LoraLayer(base, fan_in_fan_out=_fan_in_fan_out_for(base, config, name))
+            layer = existing or LoraLayer(base, fan_in_fan_out=fan_in_fan_out_for(base, config, name))
             try:
                 layer.add_adapter(
                     adapter_name,
