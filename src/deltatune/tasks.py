@@ -28,43 +28,29 @@ def _call(model: PeftModel, named: dict[str, Any], kwargs: dict[str, Any]) -> An
     return PeftModel.forward(model, **inputs, **kwargs)
 
 
-class PeftModelForCausalLM(PeftModel):
+class _PeftModelWithLabels(PeftModel):
+    """The forward signature PEFT gives causal LM, sequence and token classification alike."""
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+                return_dict: bool | None = None, task_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        return _call(self, dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                labels=labels, output_attentions=output_attentions,
+                                output_hidden_states=output_hidden_states, return_dict=return_dict,
+                                task_ids=task_ids), kwargs)
+
+
+class PeftModelForCausalLM(_PeftModelWithLabels):
     """A decoder-only language model with adapters (``task_type="CAUSAL_LM"``)."""
 
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                output_attentions: bool | None = None, output_hidden_states: bool | None = None,
-                return_dict: bool | None = None, task_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
-        return _call(self, dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                                labels=labels, output_attentions=output_attentions,
-                                output_hidden_states=output_hidden_states, return_dict=return_dict,
-                                task_ids=task_ids), kwargs)
 
-
-class PeftModelForSequenceClassification(PeftModel):
+class PeftModelForSequenceClassification(_PeftModelWithLabels):
     """A sequence classifier with adapters; the classifier head (``classifier``/``score``) trains in full."""
 
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                output_attentions: bool | None = None, output_hidden_states: bool | None = None,
-                return_dict: bool | None = None, task_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
-        return _call(self, dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                                labels=labels, output_attentions=output_attentions,
-                                output_hidden_states=output_hidden_states, return_dict=return_dict,
-                                task_ids=task_ids), kwargs)
 
-
-class PeftModelForTokenClassification(PeftModel):
+class PeftModelForTokenClassification(_PeftModelWithLabels):
     """A token classifier with adapters; the classifier head (``classifier``/``score``) trains in full."""
-
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                output_attentions: bool | None = None, output_hidden_states: bool | None = None,
-                return_dict: bool | None = None, task_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
-        return _call(self, dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                                labels=labels, output_attentions=output_attentions,
-                                output_hidden_states=output_hidden_states, return_dict=return_dict,
-                                task_ids=task_ids), kwargs)
 
 
 class PeftModelForQuestionAnswering(PeftModel):
