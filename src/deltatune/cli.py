@@ -1,7 +1,8 @@
 """The command line: a table from command name to one library function.
 
 ``deltatune train`` -> ``train.run.train``, ``generate``/``chat``/``evaluate``/``merge`` ->
-``train.infer``, ``inspect`` -> ``train.inspect``. This file only parses arguments and prints.
+``train.infer``, ``inspect`` -> ``train.inspect``, ``analyze`` -> ``analysis.report``. This file only
+parses arguments and prints.
 
 Errors from bad input (a bad file, setting or folder: ``ValueError``, ``OSError`` and their kin, and
 running out of memory) are shown as one line, ``deltatune <command>: error: ...``, with exit code 2;
@@ -200,6 +201,35 @@ def _run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_analyze(parser: argparse.ArgumentParser) -> None:
+    analyses = parser.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True)
+    similarity = analyses.add_parser("similarity", help="subspace similarity phi(i, j) of two LoRA adapters "
+                                     "(Hu et al. 2021, section 7): heatmap PNGs and a CSV")
+    similarity.add_argument("a", help="first adapter folder")
+    similarity.add_argument("b", help="second adapter folder (trained on the same base model)")
+    similarity.add_argument("--module", help="only modules whose name matches this regular expression")
+    similarity.add_argument("--matrix", choices=["A", "B"], default="A",
+                            help="compare A's right-singular vectors (default) or B's left-singular vectors")
+    spectrum = analyses.add_parser("spectrum", help="singular values of each module's update scaling * B @ A: "
+                                   "a PNG across layers, CSV and JSON")
+    spectrum.add_argument("directory", help="adapter folder")
+    for sub in (similarity, spectrum):
+        sub.add_argument("--out", required=True, help="folder for the PNG, CSV and JSON files")
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help="show the full traceback of an error")
+
+
+def _run_analyze(args: argparse.Namespace) -> int:
+    from .analysis import similarity_report, spectrum_report
+
+    if args.analysis == "similarity":
+        paths = similarity_report(args.a, args.b, args.out, args.module, args.matrix)
+    else:
+        paths = spectrum_report(args.directory, args.out)
+    print("\n".join(paths))
+    return 0
+
+
 # command -> (help, add arguments, run)
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "train": ("fine-tune a model with an adapter method, LoRA by default (no arguments: SmolLM2 on the built-in "
@@ -210,6 +240,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "merge": ("fold an adapter into its base model and save a full model (methods that change weights: LoRA, "
               "(IA)^3, ...)", _add_merge, _run_merge),
     "inspect": ("show an adapter's method, its settings, targets, size and base model", _add_inspect, _run_inspect),
+    "analyze": ("look inside LoRA adapters: subspace similarity of two, the spectrum of one", _add_analyze,
+                _run_analyze),
 }
 
 
