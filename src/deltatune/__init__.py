@@ -12,9 +12,10 @@ from .auto import (
     AutoPeftModelForSequenceClassification,
     AutoPeftModelForTokenClassification,
 )
-from .config import PeftConfig, PeftType, TaskType
+from .config import PeftConfig, TaskType
 from .functional import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from .integrations import install as _install_integrations
+from .methods import PeftType
 from .methods.bottleneck import BottleneckConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig

@@ -34,17 +34,6 @@ class TaskType(str, enum.Enum):
     FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
 
 
-class PeftType(str, enum.Enum):
-    """The method names as they appear in the "peft_type" key of adapter_config.json."""
-
-    LORA = "LORA"
-    BOTTLENECK = "BOTTLENECK"
-    IA3 = "IA3"
-    PROMPT_TUNING = "PROMPT_TUNING"
-    P_TUNING = "P_TUNING"
-    PREFIX_TUNING = "PREFIX_TUNING"
-
-
 # hf_hub_download's options (and the older names PEFT still passes on): they choose what to download from the
 # Hub, so on a local folder they have nothing to do.
 HUB_DOWNLOAD_KWARGS = frozenset({
@@ -87,7 +76,7 @@ class PeftConfig:
     def __post_init__(self) -> None:
         if isinstance(self.task_type, TaskType):
             self.task_type = self.task_type.value
-        if isinstance(self.peft_type, PeftType):
+        if isinstance(self.peft_type, enum.Enum):  # methods.PeftType, or PEFT's
             self.peft_type = self.peft_type.value
         if isinstance(self.modules_to_save, (list, tuple, set, frozenset)):
             self.modules_to_save = list(self.modules_to_save)
@@ -392,4 +381,4 @@ def read_config_dict(directory: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-__all__ = ["CONFIG_NAME", "HUB_DOWNLOAD_KWARGS", "PeftConfig", "PeftType", "TaskType", "read_config_dict"]
+__all__ = ["CONFIG_NAME", "HUB_DOWNLOAD_KWARGS", "PeftConfig", "TaskType", "read_config_dict"]

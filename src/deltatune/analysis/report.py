@@ -62,6 +62,8 @@ def plot_spectra(spectra: dict[str, torch.Tensor], path: str) -> None:
     """Left: each module's singular values by index, coloured by layer; right: effective rank per layer and
     module kind (the last part of the name, e.g. q_proj)."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     # x: the layer number, or the module's position when its name has none
     xs = [layer if (layer := layer_index(name)) is not None else i for i, name in enumerate(spectra)]
@@ -82,6 +84,8 @@ def plot_spectra(spectra: dict[str, torch.Tensor], path: str) -> None:
     right.set_ylabel("effective rank exp(H(s / sum s))")
     right.set_title("effective rank across layers")
     right.legend(fontsize=7)
+    for ax in (left, right):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

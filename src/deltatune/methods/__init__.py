@@ -5,6 +5,7 @@ Adding a method is adding a file in this folder and one line to ``METHODS``.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,9 @@ METHODS: dict[str, Method] = {
                             cli=prefix_tuning.CLI),
 }
 
+
+# PEFT's enum of method names (``PeftType.LORA == "LORA"``), made from the registry: adding a method is one line above.
+PeftType = enum.Enum("PeftType", {name: name for name in METHODS}, type=str, module=__name__)
 
 def method_for(peft_type: str | None, source: str = "config") -> Method:
     """The registered method for ``peft_type``, or an error naming the known ones."""
