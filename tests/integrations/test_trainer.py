@@ -171,6 +171,9 @@ args = arguments({out!r}, per_device_train_batch_size={batch}, eval_strategy="no
 Trainer(model=model, args=args, train_dataset=token_dataset(labels=labels_as_ids)).train()
 if args.process_index == 0:
     model.save_pretrained({out!r} + "/final")
+if torch.distributed.is_initialized():  # a gloo worker left running at exit can abort the process
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 """
 
 
