@@ -17,7 +17,8 @@ from .conftest import logits, make_model, model_inputs, perturb
 
 # Public names that exist in both libraries (module-level).
 NAMES = [
-    "LoraConfig", "PeftConfig", "PeftModel", "PeftType", "TaskType",
+    "LoraConfig", "PeftConfig", "PeftModel", "PeftType", "TaskType", "IA3Config", "PromptTuningConfig",
+    "PromptEncoderConfig", "PrefixTuningConfig",
     "PeftModelForCausalLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
     "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM", "PeftModelForFeatureExtraction",
     "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForSeq2SeqLM",
