@@ -184,6 +184,23 @@ def context_length(model: nn.Module) -> int | None:
     return None
 
 
+def virtual_token_embeddings(model: nn.Module, config: PromptLearningConfig) -> nn.Module:
+    """Checks for the methods that prepend virtual tokens (prompt tuning, P-tuning), and the model's word
+    embeddings they are made like: validate the config, check the model, fill in its dimensions.
+
+    Raises:
+        ValueError: a task type the model lacks, too many virtual tokens, a token_dim that is not the model's.
+    """
+    config.validate()
+    check_model(model, config)
+    embeddings = word_embeddings(model)
+    width = embeddings.weight.shape[1]
+    if config.token_dim not in (None, width):
+        raise ValueError(f"token_dim={config.token_dim} does not match the model's embedding width {width}.")
+    fill_model_dims(model, config)
+    return embeddings
+
+
 def fill_model_dims(model: nn.Module, config: PromptLearningConfig, kv_heads: bool = False) -> None:
     """Fill num_layers, token_dim, num_attention_heads (and encoder_hidden_size) from the model config, as PEFT's
     ``_prepare_prompt_learning_config`` does; values the config holds already are kept.

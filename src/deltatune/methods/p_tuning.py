@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..config import is_real_number
-from ..prompt_learning import PromptLearningConfig, check_model, fill_model_dims, word_embeddings
+from ..prompt_learning import PromptLearningConfig, virtual_token_embeddings
 from .options import CliOption, MethodCli
 
 
@@ -130,13 +130,7 @@ def attach(model: nn.Module, config: PromptEncoderConfig, adapter_name: str) -> 
     Raises:
         ValueError: a task type the model lacks, too many virtual tokens, a token_dim that is not the model's.
     """
-    config.validate()
-    check_model(model, config)
-    embeddings = word_embeddings(model)
-    width = embeddings.weight.shape[1]
-    if config.token_dim not in (None, width):
-        raise ValueError(f"token_dim={config.token_dim} does not match the model's embedding width {width}.")
-    fill_model_dims(model, config)
+    embeddings = virtual_token_embeddings(model, config)
     return PromptEncoder(config).to(embeddings.weight.device)
 
 

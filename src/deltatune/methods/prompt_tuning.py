@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..prompt_learning import PromptLearningConfig, check_model, fill_model_dims, word_embeddings
+from ..prompt_learning import PromptLearningConfig, virtual_token_embeddings
 from .options import CliOption, MethodCli
 
 
@@ -156,13 +156,8 @@ def attach(model: nn.Module, config: PromptTuningConfig, adapter_name: str) -> P
     Raises:
         ValueError: a task type the model lacks, too many virtual tokens, a bad init text or tokenizer.
     """
-    config.validate()
-    check_model(model, config)
-    embeddings = word_embeddings(model)
+    embeddings = virtual_token_embeddings(model, config)
     width = embeddings.weight.shape[1]
-    if config.token_dim not in (None, width):
-        raise ValueError(f"token_dim={config.token_dim} does not match the model's embedding width {width}.")
-    fill_model_dims(model, config)
     module = PromptEmbedding(config.num_virtual_tokens, width)  # N(0, 1) drawn first, as in PEFT (same RNG order)
     init = _initial_prompt(config, embeddings)
     if init is not None:
