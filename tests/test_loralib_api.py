@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from deltatune import lora
+from deltatune import loralib as lora
 
 
 class Net(nn.Module):

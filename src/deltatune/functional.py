@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from typing import Any
 
@@ -24,8 +25,6 @@ from .loading import check_adapter_name
 from .methods import method_for
 from .modules_to_save import wrap_modules_to_save
 
-# Where an adapter tensor's key starts after its module's name (LoRA, (IA)^3, bottleneck): inject_adapter_in_model.
-ADAPTER_KEY_MARKERS = (".lora_", ".ia3_l", ".adapter_down.", ".adapter_up.")
 # Embedding names for save_embedding_layers="auto" (PEFT's EMBEDDING_LAYER_NAMES).
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
@@ -103,17 +102,24 @@ def set_peft_model_state_dict(
     return _IncompatibleKeys(missing, unexpected)
 
 
-def _targets_from_state_dict(state_dict: dict[str, torch.Tensor]) -> list[str]:
-    """Module names that hold adapter tensors in a state dict (PEFT's ``state_dict=`` for inject_adapter_in_model)."""
+def _targets_from_state_dict(state_dict: dict[str, torch.Tensor], peft_type: str) -> str:
+    """The modules that hold the method's tensors in a state dict (PEFT's ``state_dict=`` for
+    inject_adapter_in_model), as a full-match regex of their names: the part of each key before one of the
+    method's markers (``.lora_`` for LoRA).
+
+    A regex rather than a list of names, because a list of full names would no longer contain the short names of
+    (IA)^3's ``feedforward_modules`` (PEFT's subset rule), while a regex leaves them to match as they did.
+    """
+    markers = method_for(peft_type).state_dict_markers
     names = set()
     for key in state_dict:
-        for marker in ADAPTER_KEY_MARKERS:
+        for marker in markers:
             if marker in key:
                 names.add(key.split(marker)[0].removeprefix("base_model.model."))
     if not names:
-        raise ValueError(f"state_dict holds no adapter tensors (a key with one of {list(ADAPTER_KEY_MARKERS)}); "
+        raise ValueError(f"state_dict holds no {peft_type} adapter tensors (a key with one of {list(markers)}); "
                          "cannot tell which modules to adapt.")
-    return sorted(names)
+    return "|".join(re.escape(name) for name in sorted(names))
 
 
 def inject_adapter_in_model(
@@ -136,9 +142,9 @@ def inject_adapter_in_model(
     if peft_config.is_prompt_learning:
         raise ValueError("inject_adapter_in_model does not take prompt-learning methods; use get_peft_model.")
     check_adapter_name(adapter_name)
-    if state_dict is not None:
-        peft_config.target_modules = _targets_from_state_dict(state_dict)
     method = method_for(peft_config.peft_type)
+    if state_dict is not None:
+        peft_config.target_modules = _targets_from_state_dict(state_dict, peft_config.peft_type)
     method.attach(model, peft_config, adapter_name)  # takes back its own layers when it fails
     try:
         if peft_config.modules_to_save:

@@ -26,27 +26,6 @@ from .adapter_layer import AdapterLayer
 
 ALL_LINEAR = "all-linear"
 
-# Per-architecture defaults when target_modules is not given (model_type -> module names).
-DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
-    **{t: ["q_proj", "v_proj"] for t in (
-        "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "opt", "bart",
-        "gptj", "gpt_neo", "stablelm", "olmo", "olmo2", "phi3_small", "smollm3", "granite",
-    )},
-    **{t: ["query", "value"] for t in ("bert", "roberta", "xlm-roberta", "electra", "layoutlm")},
-    **{t: ["query_key_value"] for t in ("gpt_neox", "bloom", "falcon", "chatglm", "RefinedWeb", "RefinedWebModel")},
-    "t5": ["q", "v"],
-    "mt5": ["q", "v"],
-    "gpt2": ["c_attn"],
-    "gpt_bigcode": ["c_attn"],
-    "distilbert": ["q_lin", "v_lin"],
-    "deberta-v2": ["query_proj", "value_proj"],
-    "deberta": ["in_proj"],
-    "mpt": ["Wqkv"],
-    "codegen": ["qkv_proj"],
-    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
-    "phi3": ["qkv_proj"],
-}
-
 # Heads that SEQ_CLS models train in full and that "all-linear" leaves alone.
 CLASSIFIER_HEAD_NAMES = ("classifier", "score")
 # Names of the container that holds a model's repeated blocks, for layers_to_transform.
@@ -161,17 +140,6 @@ def output_head_names(model: nn.Module) -> set[str]:
 def model_type(model: nn.Module) -> str | None:
     config = getattr(model, "config", None)
     return getattr(config, "model_type", None)
-
-
-def default_target_modules(model: nn.Module) -> list[str]:
-    """The per-architecture default target modules, or an error that says how to choose."""
-    kind = model_type(model)
-    if kind in DEFAULT_TARGET_MODULES:
-        return list(DEFAULT_TARGET_MODULES[kind])
-    raise ValueError(
-        f"target_modules was not given and there is no default for model type {kind!r}. "
-        "Pass target_modules, e.g. a list of module names, a regex, or 'all-linear'."
-    )
 
 
 def find_targets(

@@ -22,6 +22,7 @@ from torch import nn
 from ..adapter_layer import adapter_layers
 from ..config import PeftConfig, write_atomically
 from ..finite import all_finite
+from ..methods import method_for
 from ..prompt_learning import PROMPT_EMBEDDINGS_KEY, PromptModule, prompt_embeddings
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -35,10 +36,11 @@ def adapter_tensors(
 
     Args:
         root: the ``PeftModel`` (its parameter names start with ``base_model.model.``).
-        config: the adapter's config (its ``bias`` mode decides which biases belong to it).
-        save_embedding_layers: also include the full input/output embedding weights (PEFT does
-            this by default when an embedding is targeted; we do it only when asked, since the
-            file then holds a second copy of the vocabulary matrix).
+        config: the adapter's config; its method may add base-model tensors to the file (LoRA's biases for
+            ``bias="all"/"lora_only"``, see ``Method.base_tensors_in_file``).
+        save_embedding_layers: also include the full input/output embedding weights of adapted embedding
+            layers (PEFT does this by default when an embedding is targeted; we do it only when asked, since
+            the file then holds a second copy of the vocabulary matrix).
     """
     if config.is_prompt_learning:
         return _prompt_learning_tensors(root, adapter_name)
@@ -47,22 +49,9 @@ def adapter_tensors(
     for path, layer in layers.items():
         for key, tensor in layer.adapter_state_dict(adapter_name).items():
             out[f"{path}.{key}"] = tensor
-    bias = getattr(config, "bias", "none")
-    if bias == "all":
-        wrapped = tuple(f"{path}." for path, layer in layers.items() if hasattr(layer, "original_module"))
-        for name, param in root.named_parameters():
-            if name.rsplit(".", 1)[-1] == "bias" and not name.startswith(wrapped):
-                out[name] = param
-    elif bias == "lora_only":
-        for path, layer in layers.items():
-            base_bias = getattr(layer.base_layer, "bias", None)
-            is_copy = hasattr(layer, "original_module")  # modules_to_save: its bias is in the copy already
-            if base_bias is not None and adapter_name in layer.adapter_names() and not is_copy:
-                out[f"{path}.base_layer.bias"] = base_bias
-    if save_embedding_layers:
-        for path, layer in layers.items():
-            if getattr(layer, "kind", None) == "embedding":
-                out[f"{path}.base_layer.weight"] = layer.base_layer.weight
+    base_tensors = method_for(config.peft_type).base_tensors_in_file
+    if base_tensors is not None:
+        out.update(base_tensors(root, layers, config, adapter_name, save_embedding_layers))
     return out
 
 

@@ -347,8 +347,8 @@ def _block_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor
     return values[0], values[1]
 
 
-def default_target_modules(model: nn.Module, placement: str) -> str:
-    """The layout's target regex for this architecture, or an error naming the model type."""
+def default_target_modules(model: nn.Module, config: BottleneckConfig) -> str:
+    """The target regex of ``config.placement``'s layout for this architecture, or an error naming the model type."""
     kind = model_type(model)
     if kind not in LAYOUTS:
         raise ValueError(
@@ -356,7 +356,7 @@ def default_target_modules(model: nn.Module, placement: str) -> str:
             f"(known: {sorted(LAYOUTS)}). Pass target_modules: the modules whose output gets an adapter (a post-LN "
             "block with dense/dropout/LayerNorm gets it before its LayerNorm, as BERT's attention.output / output)."
         )
-    return LAYOUTS[kind][placement]
+    return LAYOUTS[kind][config.placement]
 
 
 def _hidden_size(model: nn.Module, base: nn.Module, where: str) -> int:
@@ -405,7 +405,7 @@ def attach(model: nn.Module, config: BottleneckConfig, adapter_name: str) -> lis
     """
     config.validate()  # fields may have changed since the config was made
     if config.target_modules is None:
-        config.target_modules = default_target_modules(model, config.placement)
+        config.target_modules = default_target_modules(model, config)
     names = find_targets(model, config.target_modules, layers_to_transform=config.layers_to_transform,
                          layers_pattern=config.layers_pattern, skip_inside=inside_adapter_layer(model),
                          skip=config.modules_to_save or ())

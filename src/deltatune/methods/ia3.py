@@ -465,6 +465,11 @@ def default_modules(model: nn.Module, config: IA3Config) -> tuple[list[str] | st
     return targets, feedforward
 
 
+def default_target_modules(model: nn.Module, config: IA3Config) -> list[str] | str:
+    """The modules (IA)^3 adapts when ``config.target_modules`` is None: PEFT's per-architecture default."""
+    return default_modules(model, config)[0]
+
+
 def _check_default_cut(names: list[str], config: IA3Config, feedforward: list[str] | str, kind: str | None) -> None:
     """The cut default feed-forward list must mark the same targets as PEFT's whole default list would."""
     if config.feedforward_modules is not None or kind not in DEFAULT_MODULES:

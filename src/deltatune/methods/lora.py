@@ -17,7 +17,6 @@ from torch import nn
 from ..adapter_layer import BASE_ADAPTER, check_batch_size, inside_adapter_layer, replace_module, rows_by_adapter
 from ..quant.bnb import bnb_add_to_weight, bnb_dequantized_weight, bnb_weight_kind
 from ..targets import (
-    default_target_modules,
     fan_in_fan_out_for,
     find_targets,
     gpt2_conv1d_class,
@@ -32,6 +31,7 @@ from .lora_config import (  # noqa: F401 - re-exported: LoRA's config is part of
     UNSUPPORTED_FIELDS,
     LoraConfig,
     LoraRuntimeConfig,
+    default_target_modules,
 )
 from .lora_fused import FusedLoraLinear, runs_plain
 from .options import CliOption, MethodCli
@@ -475,6 +475,34 @@ def _take_back(model: nn.Module, done: list[tuple[str, LoraLayer | None, nn.Modu
             existing.delete_adapter(adapter_name)
         else:
             replace_module(model, name, base)
+
+
+def base_tensors_in_file(root: nn.Module, layers: dict[str, nn.Module], config: LoraConfig, adapter_name: str,
+                         save_embedding_layers: bool) -> dict[str, torch.Tensor]:
+    """Base-model tensors a LoRA file carries besides A and B, by PEFT's rules: biases for ``bias="all"`` (every
+    bias of the model) or ``"lora_only"`` (those of adapted layers), and the full weight of adapted embedding
+    layers when ``save_embedding_layers`` (a second copy of the vocabulary matrix, so only when asked).
+
+    ``root`` is the PeftModel, ``layers`` its adapter layers by path.
+    """
+    out: dict[str, torch.Tensor] = {}
+    bias = getattr(config, "bias", "none")
+    if bias == "all":
+        wrapped = tuple(f"{path}." for path, layer in layers.items() if hasattr(layer, "original_module"))
+        for name, param in root.named_parameters():
+            if name.rsplit(".", 1)[-1] == "bias" and not name.startswith(wrapped):
+                out[name] = param
+    elif bias == "lora_only":
+        for path, layer in layers.items():
+            base_bias = getattr(layer.base_layer, "bias", None)
+            is_copy = hasattr(layer, "original_module")  # modules_to_save: its bias is in the copy already
+            if base_bias is not None and adapter_name in layer.adapter_names() and not is_copy:
+                out[f"{path}.base_layer.bias"] = base_bias
+    if save_embedding_layers:
+        for path, layer in layers.items():
+            if getattr(layer, "kind", None) == "embedding":
+                out[f"{path}.base_layer.weight"] = layer.base_layer.weight
+    return out
 
 
 # deltatune train --method lora: the flags and the defaults of the main job (all linear layers, lr 2e-3).

@@ -11,7 +11,44 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from torch import nn
+
 from ..config import PeftConfig, check_layers, check_names, check_number, check_patterns, is_real_number
+from ..targets import model_type
+
+# LoRA's per-architecture defaults when target_modules is not given (model_type -> module names; PEFT's
+# TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING for these types).
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    **{t: ["q_proj", "v_proj"] for t in (
+        "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "opt", "bart",
+        "gptj", "gpt_neo", "stablelm", "olmo", "olmo2", "phi3_small", "smollm3", "granite",
+    )},
+    **{t: ["query", "value"] for t in ("bert", "roberta", "xlm-roberta", "electra", "layoutlm")},
+    **{t: ["query_key_value"] for t in ("gpt_neox", "bloom", "falcon", "chatglm", "RefinedWeb", "RefinedWebModel")},
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "gpt2": ["c_attn"],
+    "gpt_bigcode": ["c_attn"],
+    "distilbert": ["q_lin", "v_lin"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "deberta": ["in_proj"],
+    "mpt": ["Wqkv"],
+    "codegen": ["qkv_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "phi3": ["qkv_proj"],
+}
+
+
+def default_target_modules(model: nn.Module, config: object = None) -> list[str]:
+    """LoRA's per-architecture default target modules, or an error that says how to choose."""
+    kind = model_type(model)
+    if kind in DEFAULT_TARGET_MODULES:
+        return list(DEFAULT_TARGET_MODULES[kind])
+    raise ValueError(
+        f"target_modules was not given and there is no default for model type {kind!r}. "
+        "Pass target_modules, e.g. a list of module names, a regex, or 'all-linear'."
+    )
+
 
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = (True, False, "gaussian", "orthogonal")

@@ -27,9 +27,9 @@ from transformers import PrinterCallback
 from ..config import PeftConfig
 from ..formats.models import ModelSource, load_model, load_tokenizer, resolve_model
 from ..formats.peft import non_finite_keys
-from ..methods import bottleneck
+from ..methods import bottleneck, method_for
 from ..methods.lora import LoraConfig
-from ..targets import base_of, default_target_modules, find_targets
+from ..targets import base_of, find_targets
 from ..tasks import get_peft_model
 from . import data as datamod
 from .config import TrainConfig, method_config
@@ -252,7 +252,7 @@ def check_adapter_fits(model: torch.nn.Module, config: PeftConfig, bytes_per_val
 
 def _lora_values(model: torch.nn.Module, config: LoraConfig) -> tuple[list[str], int]:
     """LoRA's adapted layers and its number of values: r * (in + out) per layer."""
-    targets = config.target_modules if config.target_modules is not None else default_target_modules(model)
+    targets = config.target_modules if config.target_modules is not None else _default_targets(model, config)
     names = find_targets(model, targets, exclude_modules=config.exclude_modules)
     return names, sum(config.r * _layer_width(base_of(model.get_submodule(name))) for name in names)
 
@@ -263,8 +263,7 @@ def _bottleneck_values(model: torch.nn.Module, config: bottleneck.BottleneckConf
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
     if not isinstance(hidden, int) or hidden <= 0:
         return "", [], 0
-    targets = config.target_modules if config.target_modules is not None else \
-        bottleneck.default_target_modules(model, config.placement)
+    targets = config.target_modules if config.target_modules is not None else _default_targets(model, config)
     names = find_targets(model, targets, layers_to_transform=config.layers_to_transform,
                          layers_pattern=config.layers_pattern)
     if config.bottleneck_size is not None:
@@ -272,6 +271,11 @@ def _bottleneck_values(model: torch.nn.Module, config: bottleneck.BottleneckConf
     else:
         size, setting = int(hidden // config.reduction_factor), f"reduction_factor={config.reduction_factor}"
     return setting, names, len(names) * (size * (2 * hidden + 1) + hidden)
+
+
+def _default_targets(model: torch.nn.Module, config: PeftConfig) -> Any:
+    """The method's own per-architecture default targets (the registry's ``default_targets``)."""
+    return method_for(config.peft_type).default_targets(model, config)
 
 
 def _layer_width(module: torch.nn.Module) -> int:

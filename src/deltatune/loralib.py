@@ -1,6 +1,6 @@
 """loralib's vocabulary for people who build their own models.
 
-``deltatune.lora.Linear(in, out, r=8)`` is a layer with LoRA built in, and
+``deltatune.loralib.Linear(in, out, r=8)`` is a layer with LoRA built in, and
 ``mark_only_lora_as_trainable`` / ``lora_state_dict`` do what they do in loralib. The layers are
 the same ``LoraLayer`` the rest of deltatune uses (adapter name "default"); merging is an explicit
 ``layer.merge()``, never a side effect of ``eval()``.
