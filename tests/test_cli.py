@@ -32,7 +32,8 @@ def trained(tmp_path_factory):
 
 
 def test_every_command_is_in_the_table():
-    assert set(cli.COMMANDS) == {"train", "generate", "chat", "evaluate", "merge", "inspect", "analyze"}
+    assert set(cli.COMMANDS) == {"train", "generate", "chat", "evaluate", "merge", "merge-adapters", "inspect",
+                                 "analyze", "estimate"}
     parser = cli.build_parser()
     args = parser.parse_args(["train", "--r", "4", "--target-modules", "q_proj,v_proj", "--resume"])
     assert (args.r, args.target_modules, args.resume, args.lr) == (4, "q_proj,v_proj", True, None)

@@ -26,6 +26,9 @@ TABLE = [
     ("lora-gpt2-conv1d", "gpt2", lambda: dt.LoraConfig(r=4, fan_in_fan_out=True, bias="lora_only")),
     ("lora-bert-seqcls", "bert", lambda: dt.LoraConfig(r=4, task_type=dt.TaskType.SEQ_CLS)),
     ("lora-t5-default", "t5", lambda: dt.LoraConfig(r=4)),
+    ("dora-llama-all-linear-embedding", "llama",
+     lambda: dt.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj", "v_proj", "down_proj"], use_dora=True)),
+    ("dora-gpt2-conv1d", "gpt2", lambda: dt.LoraConfig(r=4, fan_in_fan_out=True, use_dora=True)),
 ]
 IDS = [row[0] for row in TABLE]
 

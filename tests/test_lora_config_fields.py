@@ -45,13 +45,13 @@ NON_DEFAULT = {
     "alpha_pattern": ({"v_proj": 4}, {}, WORKS),
     "megatron_core": ("megatron.core.custom", {}, WORKS),
     "qalora_group_size": (32, {}, WORKS),
+    "use_dora": (True, {}, WORKS),
     "loftq_config": ({"loftq_bits": 4, "loftq_iter": 1}, {}, IGNORED),
     "eva_config": (peft_lora_config.EvaConfig(), {}, IGNORED),
     "corda_config": (peft_lora_config.CordaConfig(), {}, IGNORED),
     "lora_ga_config": (peft_lora_config.LoraGAConfig(), {}, IGNORED),
     "megatron_config": ({"tensor_model_parallel_size": 2}, {}, UNSUPPORTED),
     "trainable_token_indices": ([1, 2], {}, UNSUPPORTED),
-    "use_dora": (True, {}, UNSUPPORTED),
     "velora_config": (peft_lora_config.VeloraConfig(), {}, UNSUPPORTED),
     "alora_invocation_tokens": ([5, 6], {}, UNSUPPORTED),
     "use_qalora": (True, {}, UNSUPPORTED),
@@ -176,8 +176,8 @@ def test_peft_defaults_load_in_deltatune_as_deltatune_defaults(tmp_path):
 
 
 def test_peft_file_that_switches_on_a_feature_is_refused_naming_file_and_field(tmp_path):
-    peft.LoraConfig(use_dora=True).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"adapter_config\.json: use_dora=True .*not supported yet"):
+    peft.LoraConfig(use_qalora=True).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"adapter_config\.json: use_qalora=True .*not supported yet"):
         PeftConfig.from_pretrained(tmp_path)
 
 

@@ -143,7 +143,7 @@ LOAD_FAILURES: dict[str, tuple[Callable[[Path], None], dict[str, Any], type[Exce
     "rank mismatch": (lambda d: edit_config(d, r=8), {}, ValueError, r"model has \(8, 32\)"),
     "integer tensor": (lambda d: edit_tensors(d, lambda t: t.update({KEY_A: t[KEY_A].to(torch.int32)})), {},
                        ValueError, "dtype torch.int32"),
-    "unsupported field": (lambda d: edit_config(d, use_dora=True), {}, ValueError, "use_dora"),
+    "unsupported field": (lambda d: edit_config(d, use_qalora=True), {}, ValueError, "use_qalora"),
     "alpha as a string": (lambda d: edit_config(d, lora_alpha="16"), {}, ValueError, "lora_alpha must be a number"),
     "alpha NaN": (lambda d: edit_config(d, lora_alpha=math.nan), {}, ValueError, "lora_alpha must be finite"),
     "integer target_modules": (lambda d: edit_config(d, target_modules=3), {}, ValueError, "target_modules=3"),

@@ -21,8 +21,9 @@ from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
 from .methods.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
 from .methods.prefix_tuning import PrefixEncoder, PrefixTuningConfig
-from .methods.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
+from .methods.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit, init_prompt_from_text
 from .model import PeftModel
+from .optim import create_loraplus_optimizer
 from .prompt_learning import PromptLearningConfig
 from .quant.kbit import prepare_model_for_kbit_training
 from .tasks import (
@@ -72,8 +73,10 @@ __all__ = [
     "PromptTuningInit",
     "TaskType",
     "__version__",
+    "create_loraplus_optimizer",
     "get_peft_model",
     "get_peft_model_state_dict",
+    "init_prompt_from_text",
     "inject_adapter_in_model",
     "prepare_model_for_kbit_training",
     "set_peft_model_state_dict",

@@ -1,7 +1,8 @@
 """The command line: a table from command name to one library function.
 
 ``deltatune train`` -> ``train.run.train``, ``generate``/``chat``/``evaluate``/``merge`` ->
-``train.infer``, ``inspect`` -> ``train.inspect``, ``analyze`` -> ``analysis.report``. This file only
+``train.infer``, ``inspect`` -> ``train.inspect``, ``analyze`` -> ``analysis.report``, ``estimate`` ->
+``analysis.memory``, ``merge-adapters`` -> ``train.merge_adapters``. This file only
 parses arguments and prints.
 
 Errors from bad input (a bad file, setting or folder: ``ValueError``, ``OSError`` and their kin, and
@@ -43,6 +44,7 @@ RUN_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--precision", {"choices": ["auto", "fp32", "bf16"], "help": "auto: bf16 autocast where the hardware has it"}),
     ("--quantize", {"choices": ["nf4", "fp4", "int8"],
                     "help": "QLoRA: store the frozen base in 4-bit NF4 (or FP4) or int8"}),
+    ("--loraplus-ratio", {"type": float, "help": "LoRA+: train LoRA's B at --lr times this (e.g. 16; --method lora)"}),
     ("--config", {"help": "YAML file with any of these settings; flags win over it"}),
 ]
 
@@ -188,6 +190,33 @@ def _run_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_merge_adapters(parser: argparse.ArgumentParser) -> None:
+    from .methods.lora_combine import COMBINATION_TYPES
+
+    parser.add_argument("adapters", nargs="+", metavar="ADAPTER", help="LoRA adapter folders (same base model)")
+    parser.add_argument("--weights", required=True, help="one weight per adapter, comma-separated, e.g. 0.7,0.3")
+    parser.add_argument("--type", choices=COMBINATION_TYPES, default="svd", dest="combination_type",
+                        help="how to combine (default: svd; see PeftModel.add_weighted_adapter)")
+    parser.add_argument("--density", type=float, help="fraction of entries kept by ties/dare/magnitude_prune")
+    parser.add_argument("--svd-rank", type=int, help="rank of an svd result (default: the largest input rank)")
+    parser.add_argument("--model", help="base model (default: the one the adapters were trained on)")
+    parser.add_argument("--output", required=True, help="folder for the combined adapter")
+    parser.add_argument("--overwrite", action="store_true", help="replace an adapter or model already in --output")
+
+
+def _run_merge_adapters(args: argparse.Namespace) -> int:
+    from .train.merge_adapters import merge_adapters
+
+    try:
+        weights = [float(w) for w in args.weights.split(",")]
+    except ValueError:
+        raise ValueError(f"--weights must be comma-separated numbers, e.g. 0.7,0.3; got {args.weights!r}.") from None
+    path = merge_adapters(args.adapters, weights, args.output, args.combination_type, args.density, args.svd_rank,
+                          args.model, args.overwrite)
+    print(f"combined adapter written to {path}")
+    return 0
+
+
 def _add_inspect(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("directory", help="adapter folder")
     parser.add_argument("--json", action="store_true", help="print JSON")
@@ -213,7 +242,19 @@ def _add_analyze(parser: argparse.ArgumentParser) -> None:
     spectrum = analyses.add_parser("spectrum", help="singular values of each module's update scaling * B @ A: "
                                    "a PNG across layers, CSV and JSON")
     spectrum.add_argument("directory", help="adapter folder")
-    for sub in (similarity, spectrum):
+    intrinsic = analyses.add_parser("intrinsic", help="intrinsic dimension (Aghajanyan et al. 2020): train in a "
+                                    "random d-dim subspace at each d, report d90; a PNG, CSV and JSON")
+    intrinsic.add_argument("--dims", required=True, help="comma-separated d values, e.g. 10,100,1000")
+    intrinsic.add_argument("--task", choices=["sst2", "builtin"], default="sst2",
+                           help="sst2 (default model all-MiniLM-L6-v2 + a 2-way head) or the main job's built-in "
+                                "task (default model SmolLM2)")
+    intrinsic.add_argument("--data", help="--task sst2: folder with train.tsv and dev.tsv (text<TAB>label)")
+    intrinsic.add_argument("--said", action="store_true", help="structure-aware: one trained scale per tensor")
+    for flag, kind in (("--model", str), ("--steps", int), ("--lr", float), ("--full-lr", float),
+                       ("--batch-size", int), ("--train-size", int), ("--eval-size", int), ("--max-length", int),
+                       ("--seed", int)):
+        intrinsic.add_argument(flag, type=kind, help="default: the task's (analysis/intrinsic_tasks.py)")
+    for sub in (similarity, spectrum, intrinsic):
         sub.add_argument("--out", required=True, help="folder for the PNG, CSV and JSON files")
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                          help="show the full traceback of an error")
@@ -224,9 +265,60 @@ def _run_analyze(args: argparse.Namespace) -> int:
 
     if args.analysis == "similarity":
         paths = similarity_report(args.a, args.b, args.out, args.module, args.matrix)
+    elif args.analysis == "intrinsic":
+        from .analysis import IntrinsicSettings, intrinsic_report
+        from .analysis.intrinsic import parse_dims
+        from .train.task import builtin_splits  # the library does not import train/: the rows are passed in
+
+        names = ("task", "model", "data", "steps", "lr", "full_lr", "said", "batch_size", "train_size", "eval_size",
+                 "max_length", "seed")
+        settings = IntrinsicSettings(parse_dims(args.dims), **{k: getattr(args, k) for k in names
+                                                                 if getattr(args, k) is not None})
+        paths = intrinsic_report(settings, args.out, builtin_splits)
     else:
         paths = spectrum_report(args.directory, args.out)
     print("\n".join(paths))
+    return 0
+
+
+def _add_estimate(parser: argparse.ArgumentParser) -> None:
+    from .analysis.memory import OPTIMIZERS, PRECISIONS, method_names
+
+    parser.add_argument("--model", help="HF model folder or .gguf file; only its config is read (default: bundled "
+                                        "SmolLM2-135M-Instruct)")
+    parser.add_argument("--method", choices=list(method_names()), default="lora",
+                        help="full fine-tuning, qlora (LoRA on an NF4 base) or an adapter method (default: lora)")
+    parser.add_argument("--batch", type=int, default=1, help="sequences per step (default: 1)")
+    parser.add_argument("--seq", type=int, default=512, help="tokens per sequence (default: 512)")
+    parser.add_argument("--r", type=int, help="LoRA rank (default: 8)")
+    parser.add_argument("--target-modules", help="comma-separated names, a regex, or all-linear (default: the "
+                                                 "method's)")
+    parser.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adamw",
+                        help="adamw: two fp32 states per trainable parameter; sgd: none (default: adamw)")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="recompute each layer in backward")
+    parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help="bf16: autocast over fp32 "
+                                                                                       "weights (default: fp32)")
+    parser.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                        help="print the numbers as JSON (or write them to PATH)")
+
+
+def _run_estimate(args: argparse.Namespace) -> int:
+    from .analysis.memory import estimate_memory, format_estimate
+
+    targets = args.target_modules
+    if targets is not None and "," in targets:
+        targets = [name.strip() for name in targets.split(",") if name.strip()]
+    options = {"r": args.r, "target_modules": targets}
+    estimate = estimate_memory(args.model, args.method, args.batch, args.seq, args.grad_checkpointing,
+                               args.optimizer, args.precision, {k: v for k, v in options.items() if v is not None})
+    if args.json is None:
+        print(format_estimate(estimate))
+    elif args.json == "-":
+        print(json.dumps(estimate.to_dict(), indent=2))
+    else:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(estimate.to_dict(), fh, indent=2)
+        print(f"estimate written to {args.json}")
     return 0
 
 
@@ -239,9 +331,14 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "evaluate": ("exact match and loss of an adapter on a data file", _add_evaluate, _run_evaluate),
     "merge": ("fold an adapter into its base model and save a full model (methods that change weights: LoRA, "
               "(IA)^3, ...)", _add_merge, _run_merge),
+    "merge-adapters": ("combine LoRA adapters into one new adapter (svd, linear, cat, ties, dare_linear, dare_ties, "
+                       "magnitude_prune)", _add_merge_adapters, _run_merge_adapters),
     "inspect": ("show an adapter's method, its settings, targets, size and base model", _add_inspect, _run_inspect),
-    "analyze": ("look inside LoRA adapters: subspace similarity of two, the spectrum of one", _add_analyze,
+    "analyze": ("look inside LoRA adapters (subspace similarity of two, the spectrum of one) and models (intrinsic "
+                "dimension)", _add_analyze,
                 _run_analyze),
+    "estimate": ("memory (weights, gradients, optimizer, activations) and trainable parameters of a training run, "
+                 "from the model's config alone", _add_estimate, _run_estimate),
 }
 
 

@@ -4,7 +4,7 @@ It owns the adapters' configs, decides which adapter is active and trainable, an
 PEFT adapter folders. It knows methods only through the registry (``methods.METHODS``) and two small
 protocols: ``AdapterLayer`` for methods that wrap layers, and ``prompt_learning.PromptModule`` for methods
 that change the inputs (prompt, P-, prefix tuning; their modules live in ``prompt_encoder``, as in PEFT, and
-``forward`` / ``generate`` pass every call through ``prompt_learning.prompt_inputs``). A new method needs no
+``forward`` / ``generate`` pass every call through ``prompt_learning_tasks``, per task type). A new method needs no
 change here. The per-task subclasses (``PeftModelForCausalLM``, ...) and ``get_peft_model`` live in ``tasks.py``.
 """
 
@@ -27,7 +27,8 @@ from .functional import remove_adapter_layers, resolve_save_embedding_layers, va
 from .loading import adapter_directory, check_adapter_name, read_adapter
 from .methods import method_for
 from .modules_to_save import wrap_modules_to_save
-from .prompt_learning import check_combination, generation_hook, prompt_inputs, refuse_merge, trainable_tensors
+from .prompt_learning import check_combination, refuse_merge, trainable_tensors
+from .prompt_learning_tasks import prompted_forward, prompted_generate
 from .quant.kbit import is_bnb_quantized_param, peft_param_count, quantized_param_count
 
 DEFAULT_ADAPTER = "default"
@@ -217,6 +218,19 @@ class PeftModel(nn.Module):
         self._active = [a for a in self._active if a != adapter_name] or [next(iter(self.peft_config))]
         self._apply_activation()
 
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None,
+                             svd_clamp: float | None = None, svd_full_matrices: bool = True,
+                             svd_driver: str | None = None, density: float | None = None,
+                             majority_sign_method: str = "total") -> None:
+        """Add LoRA adapter ``adapter_name`` combining ``adapters`` with ``weights`` (PEFT's method of the same
+        name: "svd", "linear", "cat", "ties", "dare_linear", "dare_ties", "magnitude_prune" and the "*_svd" forms).
+        Not activated. Bad input raises ValueError and leaves the model unchanged; see ``methods.lora_combine``."""
+        from .methods.lora_combine import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
+                             svd_full_matrices, svd_driver, density, majority_sign_method)
+
     def _remove_adapter_layers(self, adapter_name: str) -> None:
         """Drop one adapter's weights; layers left with none go back to their base module."""
         remove_adapter_layers(self.get_base_model(), adapter_name)
@@ -289,10 +303,11 @@ class PeftModel(nn.Module):
             if not values:
                 continue
             delta_weight = getattr(layer, "delta_weight", None)
+            preview = getattr(layer, "merged_weight", None)  # a layer whose merge is not W + delta (DoRA) says so
             for name in names:
                 if delta_weight is None or name not in layer.adapter_names() or name in layer.merged_adapters:
                     continue
-                merged = layer.base_weight() + delta_weight(name).detach()
+                merged = preview(name) if preview is not None else layer.base_weight() + delta_weight(name).detach()
                 if not torch.isfinite(merged).all():
                     raise ValueError(f"Merging adapter {name!r} into {path} gives NaN/Inf; nothing was merged.")
 
@@ -351,21 +366,19 @@ class PeftModel(nn.Module):
                              "the virtual tokens are the same for the whole batch.")
         return prompt_module(self, self._active[0])
 
-    def _prompt_call(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        name = self._active[0]
-        return prompt_inputs(kwargs, prompt_module(self, name), self.peft_config[name], self.get_base_model())
-
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The base model's forward; ``adapter_names`` gives one adapter per batch row ('__base__' for none).
 
         With a prompt-learning adapter active, the virtual tokens (or prefixes) go in front of the inputs
-        (``prompt_learning.prompt_inputs``); a positional first argument is ``input_ids``.
+        (``prompt_learning_tasks.prompted_forward``); a positional first argument is ``input_ids``.
         """
-        if self._active_prompt_module(adapter_names) is not None:
+        module = self._active_prompt_module(adapter_names)
+        if module is not None:
             if args:
                 kwargs = {"input_ids": args[0], **kwargs}
                 args = args[1:]
-            return self.base_model(*args, **self._prompt_call(kwargs))
+            return prompted_forward(lambda **call: self.base_model(*args, **call), kwargs, module,
+                                    self.active_peft_config, self.get_base_model())
         with self._mixed_batch(adapter_names):
             return self.base_model(*args, **kwargs)
 
@@ -376,10 +389,9 @@ class PeftModel(nn.Module):
         and without the KV cache, any padding, any number of beams); the output holds the input ids and the new
         tokens, not the virtual tokens (as in PEFT).
         """
-        if self._active_prompt_module(adapter_names) is not None:
-            model = self.get_base_model()
-            with generation_hook(model, self._prompt_call):
-                return model.generate(*args, **kwargs)
+        module = self._active_prompt_module(adapter_names)
+        if module is not None:
+            return prompted_generate(self.get_base_model(), args, kwargs, module, self.active_peft_config)
         if adapter_names is not None:
             generation_config = kwargs.get("generation_config") or getattr(self.get_base_model(),
                                                                            "generation_config", None)
@@ -555,12 +567,23 @@ class PeftModel(nn.Module):
 
     def _load_checked(self, adapter_name: str, adapter: Any, autocast_adapter_dtype: bool = True,
                       freeze_base: bool = False) -> None:
-        """Attach the adapter, then fill it from the file; any failure takes the adapter off again."""
+        """Attach the adapter, then fill it from the file; any failure takes the adapter off again.
+
+        A prompt started from text (``prompt_tuning_init="TEXT"``) is attached with a random start: the file's prompt
+        replaces it, and redoing the text init would read a tokenizer the config may only name (a Hub id).
+        """
+        text_init = getattr(adapter.config, "prompt_tuning_init", None) in ("TEXT", "SAMPLE_VOCAB")
+        init = adapter.config.prompt_tuning_init if text_init else None
         try:
+            if text_init:
+                adapter.config.prompt_tuning_init = "RANDOM"
             self.add_adapter(adapter_name, adapter.config, autocast_adapter_dtype=autocast_adapter_dtype,
                              freeze_base=freeze_base)
         except ValueError as err:
             raise ValueError(f"{adapter.source}: {err}") from err
+        finally:
+            if text_init:
+                adapter.config.prompt_tuning_init = init
         try:
             result = load_adapter_tensors(self, adapter.config, adapter_name, adapter.weights,
                                           skip_mismatched=adapter.ignore_mismatched_sizes, source=adapter.source)

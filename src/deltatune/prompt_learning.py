@@ -12,8 +12,10 @@ goes in. Each builds one small module, a ``PromptModule``, that the ``PeftModel`
 ``prompt_inputs`` rewrites one forward call's keyword arguments; ``generation_hook`` applies it to every forward
 call ``generate`` makes. One rule covers both: the model sees P extra tokens before the real ones. The attention
 mask gets P ones in front, position ids move up by P (the virtual tokens hold positions 0..P-1), and for a causal
-LM with prepended embeddings the labels get P times -100. A call that continues a KV cache already holding the
-virtual tokens (every generation step after the first) only gets the longer mask and the shifted positions.
+LM or token classifier with prepended embeddings the labels get P times -100. A call that continues a KV cache
+already holding the virtual tokens (every generation step after the first) only gets the longer mask and the shifted
+positions. Encoder-decoder models are rewritten in ``prompt_learning_seq2seq.py``; how each task runs (forward,
+generate, per-token outputs cut to the real tokens) is ``prompt_learning_tasks.py``.
 """
 
 from __future__ import annotations
@@ -32,7 +34,18 @@ from torch import nn
 from .config import PeftConfig, TaskType
 
 PROMPT_EMBEDDINGS_KEY = "prompt_embeddings"  # the one tensor PEFT writes for a prompt-learning adapter
-SUPPORTED_TASKS = (TaskType.CAUSAL_LM.value, TaskType.SEQ_CLS.value)
+SUPPORTED_TASKS = tuple(t.value for t in (TaskType.CAUSAL_LM, TaskType.SEQ_CLS, TaskType.SEQ_2_SEQ_LM,
+                                           TaskType.TOKEN_CLS, TaskType.QUESTION_ANS, TaskType.FEATURE_EXTRACTION))
+# The head a task's model must have (PEFT's classifier_module_names / qa_module_names): (what, names, auto class).
+TASK_HEADS = {
+    TaskType.SEQ_CLS.value: ("a classification head", ("classifier", "score"), "AutoModelForSequenceClassification"),
+    TaskType.TOKEN_CLS.value: ("a classification head", ("classifier", "score"), "AutoModelForTokenClassification"),
+    TaskType.QUESTION_ANS.value: ("a span head", ("qa_outputs",), "AutoModelForQuestionAnswering"),
+}
+# Tasks whose labels have one entry per input token: the virtual tokens get -100 (no loss).
+PER_TOKEN_LABELS = (TaskType.CAUSAL_LM.value, TaskType.TOKEN_CLS.value)
+# Tasks for which PEFT drops token_type_ids with prompt learning.
+NO_TOKEN_TYPES = (TaskType.CAUSAL_LM.value, TaskType.FEATURE_EXTRACTION.value)
 # Model config attributes that give the context length, in the order they are looked up.
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
 
@@ -150,19 +163,36 @@ def check_model(model: nn.Module, config: PromptLearningConfig) -> None:
     if task not in SUPPORTED_TASKS:
         raise ValueError(f"task_type={task!r} is not supported with {method} yet; deltatune supports prompt "
                          f"learning for {list(SUPPORTED_TASKS)}.")
-    name = type(model).__name__
-    if task == TaskType.CAUSAL_LM.value and _output_embeddings(model) is None:
-        raise ValueError(f"task_type='CAUSAL_LM' needs a language model head, and {name} has none "
-                         "(get_output_embeddings() is None); load the model with AutoModelForCausalLM.")
-    if task == TaskType.SEQ_CLS.value and not any(n.rpartition(".")[2] in ("classifier", "score")
-                                                   for n, _ in model.named_modules()):
-        raise ValueError(f"task_type='SEQ_CLS' needs a classification head ('classifier' or 'score'), and {name} "
-                         "has none; load the model with AutoModelForSequenceClassification.")
-    context = context_length(model)
+    _check_task_head(model, task)
+    name, context = type(model).__name__, context_length(model)
     if context is not None and config.num_virtual_tokens > context - 1:
         raise ValueError(f"num_virtual_tokens={config.num_virtual_tokens} does not fit: {name} takes {context} "
                          f"positions, and at least one must be left for the input, so at most {context - 1} "
                          "virtual tokens.")
+
+
+def _check_task_head(model: nn.Module, task: str) -> None:
+    """The model has what ``task`` uses: an LM head (and an encoder-decoder for SEQ_2_SEQ_LM, a decoder-only model
+    for CAUSAL_LM), or the classification / span head."""
+    name = type(model).__name__
+    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    if task in (TaskType.CAUSAL_LM.value, TaskType.SEQ_2_SEQ_LM.value) and _output_embeddings(model) is None:
+        auto = "AutoModelForCausalLM" if task == TaskType.CAUSAL_LM.value else "AutoModelForSeq2SeqLM"
+        raise ValueError(f"task_type={task!r} needs a language model head, and {name} has none "
+                         f"(get_output_embeddings() is None); load the model with {auto}.")
+    if task == TaskType.CAUSAL_LM.value and encoder_decoder:
+        raise ValueError(f"task_type='CAUSAL_LM' is for decoder-only models, and {name} is an encoder-decoder model; "
+                         "use task_type='SEQ_2_SEQ_LM'.")
+    if task == TaskType.SEQ_2_SEQ_LM.value and not encoder_decoder:
+        raise ValueError(f"task_type='SEQ_2_SEQ_LM' needs an encoder-decoder model (T5, BART, ...), and {name} is "
+                         "not one (config.is_encoder_decoder is False); use task_type='CAUSAL_LM' for a decoder-only "
+                         "model.")
+    if task not in TASK_HEADS:
+        return
+    what, heads, auto = TASK_HEADS[task]
+    if not any(n.rpartition(".")[2] in heads for n, _ in model.named_modules()):
+        raise ValueError(f"task_type={task!r} needs {what} ({' or '.join(map(repr, heads))}), and {name} has none; "
+                         f"load the model with {auto}.")
 
 
 def _output_embeddings(model: nn.Module) -> nn.Module | None:
@@ -229,8 +259,8 @@ def fill_model_dims(model: nn.Module, config: PromptLearningConfig, kv_heads: bo
     if config.num_attention_heads is None:
         config.num_attention_heads = _first(text, values, ("num_attention_heads", "n_head", "num_heads"),
                                             "num_attention_heads")
-    if config.num_transformer_submodules is None:
-        config.num_transformer_submodules = 1
+    if config.num_transformer_submodules is None:  # PEFT: an encoder-decoder model's prompt has rows for both
+        config.num_transformer_submodules = 2 if config.task_type == TaskType.SEQ_2_SEQ_LM.value else 1
     if hasattr(config, "encoder_hidden_size") and config.encoder_hidden_size is None:
         config.encoder_hidden_size = config.token_dim
 
@@ -302,7 +332,8 @@ def cache_argument(model: nn.Module) -> str | None:
     return name
 
 
-def _cached_length(cache: Any) -> int:
+def cached_length(cache: Any) -> int:
+    """Positions a KV cache holds (a transformers ``Cache`` or the legacy tuple of (key, value) per layer)."""
     if isinstance(cache, (tuple, list)):
         return cache[0][0].shape[-2] if cache and cache[0] is not None else 0
     return int(cache.get_seq_length())
@@ -312,59 +343,77 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
+def prefix_key_values(module: PromptModule, config: PromptLearningConfig, model: nn.Module,
+                      batch: int) -> torch.Tensor:
+    """The prefixes as (2L, B, H, P, D), PEFT's layout: the flat prompt (P, L*2*token_dim) viewed as (P, 2L, H, D);
+    entry 2i is layer i's key, 2i+1 its value (for a decoder-only or encoder model)."""
+    flat = module.prompt().to(_model_dtype(model))
+    heads, layers = config.num_attention_heads, config.num_layers
+    kv = flat.view(config.num_virtual_tokens, 2 * layers, heads, config.token_dim // heads)
+    return kv.permute(1, 2, 0, 3).unsqueeze(1).expand(-1, batch, -1, -1, -1)  # (2L, B, H, P, D)
+
+
 def prefix_cache(module: PromptModule, config: PromptLearningConfig, model: nn.Module, batch: int,
                  into: Any = None) -> Any:
     """The prefixes as a KV cache (a transformers ``DynamicCache``, or ``into`` filled in place when it is an
     empty cache that ``generate`` made).
 
     Li & Liang 2021, section 4: the activations of the prefix positions are free parameters P_theta; at every
-    layer the real tokens attend to them as to keys and values of earlier tokens. Layout as PEFT's: the flat prompt
-    (P, L*2*token_dim) viewed as (P, 2L, H, D); entry 2i is layer i's key, 2i+1 its value.
+    layer the real tokens attend to them as to keys and values of earlier tokens.
     """
     from transformers import DynamicCache
 
-    flat = module.prompt().to(_model_dtype(model))
-    heads = config.num_attention_heads
-    layers = config.num_layers
-    kv = flat.view(config.num_virtual_tokens, 2 * layers, heads, config.token_dim // heads)
-    kv = kv.permute(1, 2, 0, 3).unsqueeze(1).expand(-1, batch, -1, -1, -1)  # (2L, B, H, P, D)
+    kv = prefix_key_values(module, config, model, batch)
     cache = into if into is not None else DynamicCache(config=getattr(model, "config", None))
-    for layer in range(layers):
+    for layer in range(config.num_layers):
         cache.update(kv[2 * layer].contiguous(), kv[2 * layer + 1].contiguous(), layer)
     return cache
+
+
+def _refuse_checkpointed_prefix(model: nn.Module) -> None:
+    """Training prefixes through gradient-checkpointed layers fails deep in attention (transformers drops the KV
+    cache, which holds the prefixes, inside checkpointed layers; PEFT fails the same way): say so plainly."""
+    if model.training and torch.is_grad_enabled() and getattr(model, "is_gradient_checkpointing", False):
+        raise ValueError("Prefix tuning cannot train with gradient checkpointing on: its key/value prefixes reach the "
+                         "model as a KV cache, which transformers drops in checkpointed layers. Turn it off "
+                         "(model.gradient_checkpointing_disable(), or gradient_checkpointing=False / "
+                         "activation_checkpointing=False in the trainer's arguments), or use prompt tuning or "
+                         "P-tuning.")
 
 
 def prompt_inputs(kwargs: dict[str, Any], module: PromptModule, config: PromptLearningConfig,
                   model: nn.Module) -> dict[str, Any]:
     """One forward call's keyword arguments, changed so that ``model`` sees the virtual tokens.
 
+    For a decoder-only or encoder model (encoder-decoder models: ``prompt_learning_seq2seq.seq2seq_inputs``).
     Prompt tuning and P-tuning: ``inputs_embeds = [P_e; X_e]`` (Lester et al. 2021, section 2), the mask and
-    positions extended (and labels, for a causal LM); prefix tuning: the prefixes go in as the KV cache, the mask is
-    extended and positions move up by P (as PEFT offsets them). A call whose cache holds the virtual tokens
-    already (a later generation step) only gets the mask and positions.
+    positions extended (and labels, for a causal LM or token classifier); prefix tuning: the prefixes go in as the
+    KV cache, the mask is extended and positions move up by P (as PEFT offsets them). A call whose cache holds the
+    virtual tokens already (a later generation step) only gets the mask and positions.
 
     Raises:
         ValueError: no input_ids nor inputs_embeds, a mask that is not 2D, or (prefix) a model without a KV cache.
     """
     kwargs = dict(kwargs)
-    cache = _pop_cache(kwargs)
+    cache = pop_cache(kwargs)
     rows = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
     if rows is None:
         raise ValueError(f"{config.peft_type} needs input_ids or inputs_embeds to put the virtual tokens in front of.")
     batch, n = rows.shape[0], config.num_virtual_tokens
     fresh_only = kwargs.get("use_cache") is False  # generate(use_cache=False) hands back the cache it got: ignore it
-    continuing = cache is not None and not fresh_only and _cached_length(cache) > 0
+    continuing = cache is not None and not fresh_only and cached_length(cache) > 0
     if cache is not None and fresh_only:
         cache = None
-    _extend_mask(kwargs, n)
+    extend_mask(kwargs, n)
     prepend = module.kind == "embeddings" and not continuing
     _shift_positions(kwargs, n, prepend)
     if module.kind == "prefix" and not continuing:
+        _refuse_checkpointed_prefix(model)
         cache = prefix_cache(module, config, model, batch, into=cache if hasattr(cache, "update") else None)
     elif prepend:
-        _prepend_prompt(kwargs, module, model, config.task_type)
-    if module.kind == "prefix" and config.task_type == TaskType.CAUSAL_LM.value:
-        _drop_token_type_ids(kwargs)
+        _prepend_prompt(kwargs, module, model, config)
+    if module.kind == "prefix" and config.task_type in NO_TOKEN_TYPES:
+        _drop_token_type_ids(kwargs, config.task_type)
     if cache is not None:
         name = cache_argument(model)
         if name is None:
@@ -374,13 +423,19 @@ def prompt_inputs(kwargs: dict[str, Any], module: PromptModule, config: PromptLe
     return kwargs
 
 
-def _pop_cache(kwargs: dict[str, Any]) -> Any:
+def pop_cache(kwargs: dict[str, Any]) -> Any:
+    """Take the KV cache out of ``kwargs``, under either name ("cache", or "past_key_values" before transformers 5)."""
     cache = kwargs.pop("cache", None)
     legacy = kwargs.pop("past_key_values", None)
     return cache if cache is not None else legacy
 
 
-def _extend_mask(kwargs: dict[str, Any], n: int) -> None:
+def extend_mask(kwargs: dict[str, Any], n: int) -> None:
+    """Put n ones in front of ``kwargs["attention_mask"]`` (if there is one).
+
+    Raises:
+        ValueError: a mask that is not 2D (batch, length).
+    """
     mask = kwargs.get("attention_mask")
     if mask is None:
         return
@@ -402,28 +457,38 @@ def _shift_positions(kwargs: dict[str, Any], n: int, prepend: bool) -> None:
     kwargs["position_ids"] = shifted
 
 
-def _prepend_prompt(kwargs: dict[str, Any], module: PromptModule, model: nn.Module, task_type: str | None) -> None:
+def _prepend_prompt(kwargs: dict[str, Any], module: PromptModule, model: nn.Module,
+                    config: PromptLearningConfig) -> None:
     ids = kwargs.pop("input_ids", None)
     embeds = kwargs.get("inputs_embeds")
     if embeds is None:
         embeds = word_embeddings(model)(ids)
-    batch, n = embeds.shape[0], module.num_virtual_tokens
-    prompts = module.prompt().to(dtype=embeds.dtype, device=embeds.device)
-    kwargs["inputs_embeds"] = torch.cat((prompts.unsqueeze(0).expand(batch, -1, -1), embeds), dim=1)
+    batch, n = embeds.shape[0], config.num_virtual_tokens
+    kwargs["inputs_embeds"] = torch.cat((encoder_prompt(module, config, embeds), embeds), dim=1)
     labels = kwargs.get("labels")
-    if labels is not None and task_type == TaskType.CAUSAL_LM.value:  # no loss on the virtual tokens
+    if labels is not None and config.task_type in PER_TOKEN_LABELS:  # no loss on the virtual tokens
         kwargs["labels"] = torch.cat((labels.new_full((batch, n), -100), labels), dim=1)
     token_types = kwargs.get("token_type_ids")
-    if token_types is not None and task_type == TaskType.CAUSAL_LM.value:
-        _drop_token_type_ids(kwargs)
+    if token_types is not None and config.task_type in NO_TOKEN_TYPES:
+        _drop_token_type_ids(kwargs, config.task_type)
     elif token_types is not None:
         kwargs["token_type_ids"] = torch.cat((token_types.new_zeros((batch, n)), token_types), dim=1)
 
 
-def _drop_token_type_ids(kwargs: dict[str, Any]) -> None:
+def encoder_prompt(module: PromptModule, config: PromptLearningConfig, like: torch.Tensor) -> torch.Tensor:
+    """The P virtual tokens in front of the (encoder) input, (B, P, token_dim) in ``like``'s dtype and device.
+
+    An encoder-decoder adapter holds num_transformer_submodules * P rows, as PEFT's does; the first P go in front of
+    the encoder input and the others are not used (PEFT's prompt tuning and P-tuning use them nowhere either).
+    """
+    prompts = module.prompt()[: config.num_virtual_tokens].to(dtype=like.dtype, device=like.device)
+    return prompts.unsqueeze(0).expand(like.shape[0], -1, -1)
+
+
+def _drop_token_type_ids(kwargs: dict[str, Any], task: str | None) -> None:
     if kwargs.pop("token_type_ids", None) is not None:
-        warnings.warn("token_type_ids are not used with prompt learning on a causal LM (as in PEFT); ignoring them.",
-                      stacklevel=5)
+        warnings.warn(f"token_type_ids are not used with prompt learning for task_type={task!r} (as in PEFT); "
+                      "ignoring them.", stacklevel=5)
 
 
 @contextlib.contextmanager
@@ -457,11 +522,16 @@ __all__ = [
     "PromptLearningConfig",
     "PromptModule",
     "cache_argument",
+    "cached_length",
     "check_combination",
     "check_model",
+    "encoder_prompt",
+    "extend_mask",
     "fill_model_dims",
     "generation_hook",
+    "pop_cache",
     "prefix_cache",
+    "prefix_key_values",
     "prompt_embeddings",
     "prompt_inputs",
     "refuse_merge",

@@ -106,9 +106,9 @@ def test_unknown_peft_type(saved):
 
 def test_feature_we_lack_is_refused(saved):
     config = json.loads((saved / "adapter_config.json").read_text())
-    config["use_dora"] = True
+    config["use_qalora"] = True
     (saved / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="use_dora"):
+    with pytest.raises(ValueError, match="use_qalora"):
         dt.PeftModel.from_pretrained(make_model("llama"), saved)
 
 

@@ -351,8 +351,9 @@ ATTACH_ERRORS = {
     "causal LM task on a classifier": ("bert", lambda: dt.PromptTuningConfig(task_type="CAUSAL_LM",
                                                                              num_virtual_tokens=4),
                                        r"task_type='CAUSAL_LM' needs a language model head.*BertForSequence"),
-    "seq2seq": ("t5", lambda: dt.PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4),
-                r"task_type='SEQ_2_SEQ_LM' is not supported with PROMPT_TUNING yet"),
+    "seq2seq task on a causal LM": ("llama", lambda: dt.PromptTuningConfig(task_type="SEQ_2_SEQ_LM",
+                                                                          num_virtual_tokens=4),
+                                    r"task_type='SEQ_2_SEQ_LM' needs an encoder-decoder model.*LlamaForCausalLM"),
     "token dim of another model": ("llama", lambda: dt.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
                                                                           token_dim=64),
                                    r"token_dim=64 does not match the model's embedding width 32"),
@@ -450,3 +451,21 @@ def test_disable_adapter_gives_base_output(method, kind, task):
     with model.disable_adapter():
         assert torch.equal(out_logits(model, inputs), out_logits(make_model(kind), inputs))
     assert torch.equal(out_logits(model, inputs), adapted)
+
+
+def test_prefix_under_gradient_checkpointing_is_a_clear_error():
+    """transformers drops the KV cache (the prefixes) in checkpointed layers: refused with what to do, not a
+    shape error from inside attention; eval and no-grad calls still work, and so does prompt tuning."""
+    model = dt.get_peft_model(make_model("llama"), dt.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    model.gradient_checkpointing_enable()
+    model.train()
+    inputs = batch()
+    with pytest.raises(ValueError, match="Prefix tuning cannot train with gradient checkpointing"):
+        model(**inputs)
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits).all()
+    prompt = dt.get_peft_model(make_model("llama"), dt.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    prompt.gradient_checkpointing_enable()
+    prompt.train()
+    prompt(**inputs, labels=inputs["input_ids"]).loss.backward()
+    assert prompt.prompt_encoder["default"].embedding.weight.grad.abs().sum() > 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 
 import pytest
@@ -192,7 +193,7 @@ def test_method_defaults():
     (["--method", "ia3", "--placement", "houlsby"], "placement is a setting of --method bottleneck, not of --method "
                                                     "ia3"),
     (["--bottleneck-size", "8"], "bottleneck_size is a setting of --method bottleneck, not of --method lora (which "
-                                 "takes --r, --alpha, --dropout)."),
+                                 "takes --r, --alpha, --dropout, --dora)."),
     (["--method", "bottleneck", "--bottleneck-size", "0"], "bottleneck_size must be a positive integer"),
     (["--method", "bottleneck", "--bottleneck-size", "4", "--reduction-factor", "2"],
      "give bottleneck_size or reduction_factor, not both"),
@@ -304,3 +305,139 @@ def test_prompt_methods_train_generate_and_refuse_merge(method, tiny, tmp_path, 
     assert cli.main(["merge", "--adapter", run, "--output", str(tmp_path / "merged")]) == 2
     assert "cannot be merged" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "merged")
+
+
+# ---- --prompt-init-text and prompt methods on a quantized base -------------------------------------------------------
+
+class Capture:
+    """Wraps the run's get_peft_model, init_prompt_from_text and _save_adapter: the base and the prompt as they
+    started (``start``; ``initial`` after a text init), and the model as it was saved."""
+
+    def __init__(self, monkeypatch):
+        from deltatune.prompt_learning import prompt_embeddings
+
+        self.initial = self.start = self.base = self.saved = None
+        make, save = runmod.get_peft_model, runmod._save_adapter
+
+        def get_peft_model(model, config):
+            peft_model = make(model, config)
+            self.base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            self.start = prompt_embeddings(peft_model.prompt_encoder["default"]).detach().clone()
+            return peft_model
+
+        def init_prompt_from_text(*args, **kwargs):
+            self.initial = text_init(*args, **kwargs).detach().clone()
+            return self.initial
+
+        def save_adapter(peft_model, *args):
+            self.saved = peft_model
+            return save(peft_model, *args)
+
+        text_init = runmod.init_prompt_from_text
+        monkeypatch.setattr(runmod, "get_peft_model", get_peft_model)
+        monkeypatch.setattr(runmod, "init_prompt_from_text", init_prompt_from_text)
+        monkeypatch.setattr(runmod, "_save_adapter", save_adapter)
+
+
+def prompt_logits(model, tokenizer, text: str = "Say gold") -> torch.Tensor:
+    ids = torch.tensor([tokenizer(f"<|im_start|>user\n{text}<|im_end|>\n", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        return model.eval()(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+
+
+def test_prompt_init_text_starts_the_prompt_from_the_text(tiny, tmp_path, monkeypatch):
+    """The first prompt is the base's embedding rows of the text's token ids (repeated to P, PEFT's rule), made with
+    the run's own tokenizer; adapter_config.json records the TEXT init as PEFT's does, and PEFT loads the adapter
+    with the outputs of the trained model."""
+    import peft
+
+    from deltatune.formats.models import load_tokenizer, resolve_model
+
+    model_dir, data = tiny
+    capture = Capture(monkeypatch)
+    run = str(tmp_path / "run")
+    assert cli.main(["train", "--model", model_dir, "--data", data, "--method", "prompt", "--num-virtual-tokens", "6",
+                     "--prompt-init-text", "Say:", *RUN, "--output", run]) == 0
+    tokenizer = load_tokenizer(resolve_model(model_dir))
+    ids = tokenizer("Say:")["input_ids"]
+    assert len(ids) == 4
+    words = AutoModelForCausalLM.from_pretrained(model_dir).get_input_embeddings().weight
+    assert torch.equal(capture.initial, words[(ids * 2)[:6]])
+    config = read_config(run)
+    assert (config["prompt_tuning_init"], config["prompt_tuning_init_text"], config["tokenizer_name_or_path"],
+            config["tokenizer_kwargs"]) == ("TEXT", "Say:", model_dir, None)
+    saved = load_file(os.path.join(run, "adapter_model.safetensors"))["prompt_embeddings"]
+    assert torch.isfinite(saved).all() and not torch.allclose(saved, capture.initial)  # trained from there
+    expected = prompt_logits(capture.saved, tokenizer)
+    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), run)
+    torch.testing.assert_close(prompt_logits(theirs, tokenizer), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--prompt-init-text", ""], "prompt_init_text must not be empty"),
+    (["--prompt-init", "SAMPLE_VOCAB", "--prompt-init-text", "Say:"],
+     "prompt_init_text starts the virtual tokens from the text's tokens and prompt_init='SAMPLE_VOCAB' says "
+     "otherwise; give only one of --prompt-init-text and --prompt-init."),
+])
+def test_a_bad_prompt_init_text_is_one_line_before_loading(tiny, tmp_path, capsys, monkeypatch, flags, message):
+    monkeypatch.setattr(runmod, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(runmod, "load_tokenizer", lambda *a, **k: pytest.fail("loaded the tokenizer"))
+    model_dir, data = tiny
+    assert cli.main(["train", "--model", model_dir, "--data", data, "--output", str(tmp_path / "o"), "--method",
+                     "prompt", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("deltatune train: error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_prompt_init_text_without_tokens_is_refused_before_the_model_loads(tiny, tmp_path, capsys, monkeypatch):
+    """A tokenizer that drops whitespace finds no token in "   ": refused, naming the text, before loading."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({"<unk>": 0, "say": 1}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<unk>")
+    monkeypatch.setattr(runmod, "load_tokenizer", lambda source: tokenizer)
+    monkeypatch.setattr(runmod, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    model_dir, data = tiny
+    assert cli.main(["train", "--model", model_dir, "--data", data, "--output", str(tmp_path / "o"), "--method",
+                     "prompt", "--prompt-init-text", "   "]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("deltatune train: error: prompt_init_text=' ' tokenizes to no tokens with the model's "
+                          "tokenizer; give a text with at least one token") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+@pytest.mark.parametrize("method", list(PROMPT_CASES))
+def test_quantized_base_trains_each_prompt_method(method, quantize, tiny, tmp_path, monkeypatch):
+    """--quantize with prompt, P- and prefix tuning: the prompt trains (its saved value moved from the start, finite
+    losses), the 4/8-bit base does not change, and the adapter reloads on the same quantized base with the trained
+    model's outputs."""
+    from deltatune.prompt_learning import prompt_embeddings
+    from deltatune.quant import Linear4bit, Linear8bit
+
+    model_dir, data = tiny
+    capture = Capture(monkeypatch)
+    flags = ["--num-virtual-tokens", "4", "--prompt-init-text", "Say:"] if method == "prompt" else \
+        PROMPT_CASES[method][0]
+    run = str(tmp_path / "run")
+    assert cli.main(["train", "--model", model_dir, "--data", data, "--method", method, "--quantize", quantize,
+                     *flags, *RUN, "--output", run]) == 0
+    layer = Linear4bit if quantize == "nf4" else Linear8bit
+    trained = capture.saved
+    base = trained.get_base_model()
+    assert sum(isinstance(m, layer) for m in base.modules()) == 14  # 7 linear layers per block, not the head
+    after = base.state_dict()
+    assert after.keys() == capture.base.keys() and all(torch.equal(after[k], v) for k, v in capture.base.items())
+    saved = load_file(os.path.join(run, "adapter_model.safetensors"))["prompt_embeddings"]
+    torch.testing.assert_close(saved, prompt_embeddings(trained.prompt_encoder["default"]))
+    assert torch.isfinite(saved).all()
+    assert not torch.allclose(saved, capture.initial if method == "prompt" else capture.start)  # it trained
+    with open(os.path.join(run, "train_log.jsonl"), encoding="utf-8") as fh:
+        losses = [json.loads(line)["loss"] for line in fh if '"loss"' in line]
+    assert len(losses) == 6 and all(map(math.isfinite, losses))
+    loaded, tokenizer = load_adapted(run)
+    assert sum(isinstance(m, layer) for m in loaded.modules()) == 14
+    torch.testing.assert_close(prompt_logits(loaded, tokenizer), prompt_logits(trained, tokenizer),
+                               rtol=1e-5, atol=1e-5)

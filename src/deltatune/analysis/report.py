@@ -6,10 +6,13 @@ import csv
 import json
 import os
 import re
+from dataclasses import asdict
 
 import torch
 
 from .adapter import AdapterSource, load_lora
+from .intrinsic import IntrinsicResult, intrinsic_dimension
+from .intrinsic_tasks import IntrinsicSettings, RowMaker, load_model_and_task
 from .similarity import similarity_grids, similarity_rows
 from .spectrum import effective_rank, spectrum_rows, update_svdvals
 
@@ -131,4 +134,57 @@ def spectrum_report(adapter: AdapterSource, out: str | os.PathLike) -> list[str]
     write_csv(paths[1], rows)
     with open(paths[2], "w", encoding="utf-8") as fh:
         json.dump([{**row, "singular_values": spectra[str(row["module"])].tolist()} for row in rows], fh, indent=1)
+    return paths
+
+
+def plot_intrinsic(result: IntrinsicResult, path: str, title: str = "") -> None:
+    """The metric against d (log axis) with full fine-tuning's metric, its 90% line and the untrained model's."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ax.plot([r.d for r in result.runs], [r.metric for r in result.runs], marker="o", label="trained in d dims")
+    full = result.full.metric if result.full else (result.threshold or 0.0) / 0.9
+    ax.axhline(full, color="black", linewidth=1, label=f"full fine-tuning ({full:.3f})")
+    ax.axhline(0.9 * full, color="black", linestyle="--", linewidth=1, label="90% of full")
+    ax.axhline(result.baseline, color="grey", linestyle=":", linewidth=1, label=f"no training ({result.baseline:.3f})")
+    if result.d90 is not None:
+        ax.axvline(result.d90, color="tab:red", linewidth=1, label=f"d90 = {result.d90}")
+    ax.set_xscale("log")
+    ax.set_xlabel("d (trained dimensions" + (", SAID)" if result.said else ")"))
+    ax.set_ylabel(result.metric)
+    ax.set_title(f"{title or result.task}: D = {result.D:,}, {result.steps} steps, "
+                 f"d90 = {result.d90 if result.d90 is not None else 'not reached'}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def intrinsic_rows(result: IntrinsicResult) -> list[dict[str, object]]:
+    """One CSV row per run: full fine-tuning (d "full") first, then each d."""
+    runs = ([result.full] if result.full else []) + result.runs
+    return [{"d": "full" if r.d is None else r.d, result.metric: round(r.metric, 6),
+             "final_loss": round(r.final_loss, 6), "seconds_per_step": round(r.seconds_per_step, 4),
+             "peak_memory_mib": round(r.peak_memory_bytes / 2**20, 1),
+             "projection_mib": round(r.stored_bytes / 2**20, 1), "trainable": r.trainable} for r in runs]
+
+
+def intrinsic_report(settings: IntrinsicSettings, out: str | os.PathLike,
+                     builtin_rows: RowMaker | None = None) -> list[str]:
+    """``deltatune analyze intrinsic``: train at each d and fully, write intrinsic.png, .csv and .json (with d90).
+
+    Returns the paths written. Raises ValueError/FileNotFoundError as :func:`~.intrinsic_tasks.load_model_and_task`
+    and :func:`~.intrinsic.intrinsic_dimension` (bad dims are refused before any training).
+    """
+    settings = settings.resolved()
+    model, task = load_model_and_task(settings, builtin_rows)
+    result = intrinsic_dimension(model, task, settings.dims, settings.steps, settings.lr, settings.full_lr,
+                                 settings.said, settings.seed)
+    out = os.fspath(out)
+    os.makedirs(out, exist_ok=True)
+    paths = [os.path.join(out, name) for name in ("intrinsic.png", "intrinsic.csv", "intrinsic.json")]
+    name = settings.model or ("all-MiniLM-L6-v2" if settings.task == "sst2" else "SmolLM2-135M-Instruct")
+    plot_intrinsic(result, paths[0], f"{name} on {settings.task}")
+    write_csv(paths[1], intrinsic_rows(result))
+    with open(paths[2], "w", encoding="utf-8") as fh:
+        json.dump({"model": name, "settings": asdict(settings), **result.to_dict()}, fh, indent=1)
     return paths

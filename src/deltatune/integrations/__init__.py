@@ -82,15 +82,20 @@ def _tested(module_name: str) -> bool:
 
 def is_deltatune_model(model: Any) -> bool:
     """A deltatune PeftModel, also inside DDP (``.module``) or ``torch.compile`` (``._orig_mod``)."""
+    return _deltatune_model(model) is not None
+
+
+def _deltatune_model(model: Any) -> Any:
+    """The deltatune PeftModel ``model`` is or wraps (DDP, ``torch.compile``), or None."""
     from ..model import PeftModel
 
     for _ in range(3):
         if isinstance(model, PeftModel):
-            return True
+            return model
         model = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
         if model is None:
-            return False
-    return False
+            return None
+    return None
 
 
 def _patch_predicate(module_name: str, function_name: str) -> None:
@@ -166,12 +171,13 @@ def _accepting_deltatune_config(original: Any) -> Any:
 
         bound = signature.bind(self, *args, **kwargs)
         config = bound.arguments.get("peft_config")
+        train_args = bound.arguments.get("args")
+        model = bound.arguments.get("model")
+        refuse_prefix_under_checkpointing(config if isinstance(config, PeftConfig) else model, train_args)
         if isinstance(config, PeftConfig):
-            model = bound.arguments.get("model")
             if is_deltatune_model(model):
                 raise ValueError("You passed a deltatune PeftModel together with a peft_config; pass one or the "
                                  "other (merge_and_unload() first to train a new adapter on the merged model).")
-            train_args = bound.arguments.get("args")
             if isinstance(model, str):
                 model = _load_as_trl_would(model, train_args, bound.arguments.get("quantization_config"))
             if getattr(train_args, "seed", None) is not None:  # TRL seeds before PEFT draws the adapter's init
@@ -181,9 +187,44 @@ def _accepting_deltatune_config(original: Any) -> Any:
             bound.arguments["model"] = get_peft_model(model, config)
             bound.arguments["peft_config"] = None
         original(*bound.args, **bound.kwargs)
+        # again with the arguments the trainer ended up with (TRL's defaults when args was None)
+        refuse_prefix_under_checkpointing(getattr(self, "model", None), getattr(self, "args", None))
 
     setattr(init_taking_deltatune_config, _PATCHED, original)
     return init_taking_deltatune_config
+
+
+def refuse_prefix_under_checkpointing(model_or_config: Any, train_args: Any) -> None:
+    """Refuse to train a deltatune prefix-tuning adapter with gradient checkpointing on (TRL's default).
+
+    ``activation_checkpointing`` is transformers 5's name for it (``gradient_checkpointing`` mirrors it).
+
+    Prefix tuning hands its key/value prefixes to the model as a pre-filled KV cache, and transformers drops the
+    cache from every decoder layer that runs under gradient checkpointing, so training would fail with a shape
+    mismatch deep in attention (HF PEFT's prefix tuning fails the same way). Prompt tuning and P-tuning change
+    the input embeddings and train under gradient checkpointing.
+
+    Args:
+        model_or_config: a deltatune config, or a model (a deltatune PeftModel, possibly wrapped); anything else
+            passes.
+        train_args: the trainer's arguments (``SFTConfig``, ``TrainingArguments``); None passes.
+
+    Raises:
+        ValueError: a prefix-tuning adapter with checkpointing on; says how to go on.
+    """
+    on = getattr(train_args, "activation_checkpointing", None) or getattr(train_args, "gradient_checkpointing", None)
+    if not on:
+        return
+    from ..config import PeftConfig
+
+    model = _deltatune_model(model_or_config)
+    config = model.active_peft_config if model is not None else model_or_config
+    if isinstance(config, PeftConfig) and config.peft_type == "PREFIX_TUNING":
+        raise ValueError("Prefix tuning cannot train with gradient (activation) checkpointing, which TRL turns on by "
+                         "default: its key/value prefixes reach the model as a KV cache, which transformers drops from "
+                         "layers run under checkpointing. Pass activation_checkpointing=False (gradient_checkpointing="
+                         "False) in the trainer's arguments, e.g. SFTConfig(..., activation_checkpointing=False), or "
+                         "use prompt tuning or P-tuning, which train under it.")
 
 
 def _load_as_trl_would(model_id: str, train_args: Any, quantization_config: Any) -> Any:

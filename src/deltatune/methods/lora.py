@@ -24,6 +24,7 @@ from ..targets import (
     is_quantized,
     resolve_pattern,
 )
+from . import lora_dora
 from .lora_config import (  # noqa: F401 - re-exported: LoRA's config is part of this method's API
     BIAS_MODES,
     INIT_MODES,
@@ -51,14 +52,17 @@ def _kind(base: nn.Module) -> str:
     )
 
 
-def _check_adapter_fits(base: nn.Module, r: int, init_lora_weights: bool | str, where: str) -> None:
+def _check_adapter_fits(base: nn.Module, r: int, init_lora_weights: bool | str, where: str,
+                        use_dora: bool = False) -> None:
     """Refuse, before anything changes, an adapter this layer cannot hold (PEFT refuses the same ones).
 
     A grouped convolution's B is grouped too (each group of outputs reads r / groups of A's channels), so r
-    must be a multiple of ``groups``. Orthogonal init pairs rows of one r x r orthogonal matrix: linear
-    layers only, even r.
+    must be a multiple of ``groups`` (and DoRA is refused there, see ``lora_dora.check_dora_fits``). Orthogonal
+    init pairs rows of one r x r orthogonal matrix: linear layers only, even r.
     """
     kind = _kind(base)
+    if use_dora:
+        lora_dora.check_dora_fits(base, where)
     groups = getattr(base, "groups", 1) if kind == "conv" else 1
     if r % groups:
         raise ValueError(
@@ -112,6 +116,8 @@ class LoraLayer(nn.Module):
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters' m (lora_dora.Magnitude)
+        self.dora_norms: dict[str, torch.Tensor] = {}  # ||W0 + s B A|| of each merged DoRA adapter, for unmerge
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -138,18 +144,21 @@ class LoraLayer(nn.Module):
 
     def add_adapter(
         self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-        init_lora_weights: bool | str = True, use_rslora: bool = False,
+        init_lora_weights: bool | str = True, use_rslora: bool = False, use_dora: bool = False,
     ) -> None:
         """Create adapter ``name`` with rank ``r``; it is not activated here.
 
         Tensor shapes are PEFT's, so files move both ways: for a convolution A is a convolution with the base's
         kernel, stride and padding into r channels, and B a 1x1 convolution with the base's ``groups``.
+        ``use_dora`` adds DoRA's magnitude vector, ``||W + s B A||`` per output (``lora_dora.py``).
         """
         if name in self.r:
             raise ValueError(f"This layer already has an adapter named {name!r}.")
-        _check_adapter_fits(self.base_layer, r, init_lora_weights, type(self.base_layer).__name__)
+        _check_adapter_fits(self.base_layer, r, init_lora_weights, type(self.base_layer).__name__, use_dora)
         try:
             self._create_adapter(name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora)
+            if use_dora:
+                lora_dora.init_magnitude(self, name)
         except (RuntimeError, MemoryError) as err:  # what torch raises when the allocation fails
             self.delete_adapter(name)  # whatever was made before the failure
             raise ValueError(
@@ -210,7 +219,8 @@ class LoraLayer(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.merged_adapters:
             raise ValueError(f"Adapter {adapter_name!r} is merged; unmerge it before deleting it.")
-        for store in (self.lora_A, self.lora_B, self.lora_embedding_A, self.lora_embedding_B, self.lora_dropout):
+        for store in (self.lora_A, self.lora_B, self.lora_embedding_A, self.lora_embedding_B, self.lora_dropout,
+                      self.lora_magnitude_vector):
             if adapter_name in store:
                 del store[adapter_name]
         for table in (self.r, self.lora_alpha, self.scaling):
@@ -221,9 +231,13 @@ class LoraLayer(nn.Module):
         if adapter_name not in self.r:
             return {}
         if self.kind == "embedding":
-            return {"lora_embedding_A": self.lora_embedding_A[adapter_name],
-                    "lora_embedding_B": self.lora_embedding_B[adapter_name]}
-        return {"lora_A.weight": self.lora_A[adapter_name].weight, "lora_B.weight": self.lora_B[adapter_name].weight}
+            out = {"lora_embedding_A": self.lora_embedding_A[adapter_name],
+                   "lora_embedding_B": self.lora_embedding_B[adapter_name]}
+        else:
+            out = {"lora_A.weight": self.lora_A[adapter_name].weight, "lora_B.weight": self.lora_B[adapter_name].weight}
+        if adapter_name in self.lora_magnitude_vector:
+            out["lora_magnitude_vector"] = self.lora_magnitude_vector[adapter_name].weight
+        return out
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """scaling * B A, shaped like the base weight.
@@ -240,6 +254,11 @@ class LoraLayer(nn.Module):
             if self.fan_in_fan_out:
                 delta = delta.T
         return delta * self.scaling[name]
+
+    def merged_weight(self, name: str) -> torch.Tensor:
+        """The fp32 weight merging ``name`` would write, without writing it: W + s B A, or DoRA's m / ||W + s B A||
+        times that (what safe_merge checks for NaN/Inf before anything is merged)."""
+        return lora_dora.merged_weight(self, [name])
 
     def check_mergeable(self) -> None:
         """A grouped convolution's update cannot be merged (PEFT refuses too): raise saying why and what to do.
@@ -265,7 +284,8 @@ class LoraLayer(nn.Module):
 
     @torch.no_grad()
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Fold adapters into the base weight: W0 <- W0 + scaling B A (no extra inference cost).
+        """Fold adapters into the base weight: W0 <- W0 + scaling B A (no extra inference cost); a DoRA adapter
+        W <- m / ||W0 + s B A|| * (W + s B A), its norm taken of the unmerged weight W0 as forward takes it.
 
         A bitsandbytes 4-bit / 8-bit base is dequantized, added to and quantized again, as PEFT does: the
         merged layer stays quantized, and its outputs differ from the unmerged ones by that rounding.
@@ -279,9 +299,15 @@ class LoraLayer(nn.Module):
                  if n in self.r and n not in self.merged_adapters]
         if names:
             self.check_mergeable()
+        if self.merged_adapters and any(n in self.lora_magnitude_vector for n in names):
+            names = self.merged_adapters + names  # DoRA needs W0: take the merged ones out, merge them all again
+            self.unmerge()
+        norms = {n: lora_dora.weight_norm(self, n) for n in names if n in self.lora_magnitude_vector}  # of W0
         weight = self.base_layer.weight
         for name in names:
-            if bnb_weight_kind(self.base_layer):
+            if name in norms:
+                lora_dora.merge_one(self, name, norms[name], safe_merge)
+            elif bnb_weight_kind(self.base_layer):
                 bnb_add_to_weight(self.base_layer, self.delta_weight(name).detach(), safe_merge, f"adapter {name!r}")
             elif safe_merge:
                 merged = weight.data + self.delta_weight(name).to(weight.dtype)
@@ -298,7 +324,9 @@ class LoraLayer(nn.Module):
         quantized again, so it comes back only to within that rounding)."""
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            if bnb_weight_kind(self.base_layer):
+            if name in self.lora_magnitude_vector:
+                lora_dora.unmerge_one(self, name)
+            elif bnb_weight_kind(self.base_layer):
                 bnb_add_to_weight(self.base_layer, -self.delta_weight(name).detach())
             else:
                 weight = self.base_layer.weight
@@ -315,7 +343,11 @@ class LoraLayer(nn.Module):
         if not is_quantized(self.base_layer):
             self.merge()
             return self.base_layer
-        deltas = [self.delta_weight(name) for name in self.active_adapters if name in self.r]
+        names = [name for name in self.active_adapters if name in self.r]
+        if any(name in self.lora_magnitude_vector for name in names):
+            deltas = [lora_dora.merged_weight(self, names) - self.base_weight().float()]
+        else:
+            deltas = [self.delta_weight(name) for name in names]
         return self.base_layer.to_linear(getattr(self.base_layer, "compute_dtype", None) or torch.float32, deltas)
 
     def lora_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -342,6 +374,8 @@ class LoraLayer(nn.Module):
         fused = None if args or kwargs else self._fused_call(x)
         if fused is not None:
             name, dtype = fused
+            if name in self.lora_magnitude_vector:
+                return lora_dora.dora_fused(self, name, x, dtype)
             dropout = self.lora_dropout[name]
             x_lora = None if isinstance(dropout, nn.Identity) else dropout(x)
             return FusedLoraLinear.apply(x, x_lora, self.lora_A[name].weight, self.lora_B[name].weight,
@@ -350,7 +384,9 @@ class LoraLayer(nn.Module):
         if self.merged_adapters:
             return result
         for name in self.active_adapters:
-            if name in self.r:
+            if name in self.lora_magnitude_vector:
+                result = lora_dora.dora_forward(self, name, x, result)
+            elif name in self.r:
                 result = self._add_lora(name, x, result)
         return result
 
@@ -406,7 +442,13 @@ class LoraLayer(nn.Module):
         return flat.view(result.shape)
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """Each batch row gets its own adapter (or none, for '__base__')."""
+        """Each batch row gets its own adapter (or none, for '__base__'); DoRA adapters are refused, as in PEFT."""
+        dora = sorted({n for n in self.batch_adapter_names if n in self.lora_magnitude_vector})
+        if dora:
+            raise ValueError(
+                f"A mixed batch (adapter_names=...) cannot use DoRA adapters ({dora}); PEFT refuses this too. Run "
+                "their rows as a separate batch with set_adapter(), or merge_and_unload() a copy of the model."
+            )
         result = self.base_layer(x, *args, **kwargs)
         check_batch_size(self.batch_adapter_names, x.shape[0])
         for name, rows in rows_by_adapter(self.batch_adapter_names, x.device).items():
@@ -416,7 +458,8 @@ class LoraLayer(nn.Module):
         return result
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind}, r={self.r}, scaling={self.scaling}"
+        dora = f", dora={list(self.lora_magnitude_vector)}" if len(self.lora_magnitude_vector) else ""
+        return f"kind={self.kind}, r={self.r}, scaling={self.scaling}{dora}"
 
 
 def attach(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
@@ -434,13 +477,14 @@ def attach(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
         layers_to_transform=config.layers_to_transform, layers_pattern=config.layers_pattern,
         skip_inside=inside_adapter_layer(model), skip=config.modules_to_save or (),
     )
+    use_dora = bool(getattr(config, "use_dora", False))
     plans = []
     for name in names:
         module = model.get_submodule(name)
         existing = module if isinstance(module, LoraLayer) else None
         base = existing.base_layer if existing else module
         r = resolve_pattern(config.rank_pattern, name, config.r)
-        _check_adapter_fits(base, r, config.init_lora_weights, name)  # also refuses layer types LoRA cannot wrap
+        _check_adapter_fits(base, r, config.init_lora_weights, name, use_dora)  # refuses types LoRA cannot wrap
         if existing and adapter_name in existing.r:
             raise ValueError(f"{name} already has an adapter named {adapter_name!r}; pick another name.")
         plans.append((name, existing, base, r))
@@ -456,6 +500,7 @@ def attach(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
                     lora_dropout=config.lora_dropout,
                     init_lora_weights=config.init_lora_weights,
                     use_rslora=config.use_rslora,
+                    use_dora=use_dora,
                 )
             except ValueError as err:
                 raise ValueError(f"{name}: {err}") from err
@@ -510,4 +555,6 @@ CLI = MethodCli(name="lora", lr=2e-3, target_modules="all-linear", options=(
     CliOption("r", "r", "int", 8, "LoRA rank", label="rank"),
     CliOption("alpha", "lora_alpha", "number", 16, "LoRA alpha (scale = alpha / r)", positive=True),
     CliOption("dropout", "lora_dropout", "number", 0.05, "dropout on the input of LoRA's A"),
+    CliOption("dora", "use_dora", "bool", None, "DoRA: train a magnitude per output besides A and B (Liu et al. 2024)",
+              label="DoRA"),
 ))

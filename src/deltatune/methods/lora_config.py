@@ -63,7 +63,6 @@ _INIT_MODES_PLAIN_ONCE_TRAINED = ("eva",)
 # leave it off; the first is PEFT's default). Any other value is refused, here and in a file PEFT wrote,
 # since running the adapter without the feature would give other outputs than PEFT.
 UNSUPPORTED_FIELDS: dict[str, tuple[str, tuple[Any, ...]]] = {
-    "use_dora": ("DoRA, weight-decomposed LoRA", (False, None)),
     "lora_bias": ("a trained bias in lora_B", (False, None)),
     "layer_replication": ("layer replication", (None, [])),
     "target_parameters": ("LoRA on nn.Parameters", (None, [])),
@@ -83,6 +82,8 @@ UNSUPPORTED_FIELDS: dict[str, tuple[str, tuple[Any, ...]]] = {
 _INIT_CONFIG_FIELDS = {"loftq_config": "loftq", "eva_config": "eva", "corda_config": "corda",
                        "lora_ga_config": "lora_ga"}
 _INERT_FIELDS = ("megatron_core", "qalora_group_size")
+# Fields deltatune has that a file leaves out at their default (PEFT reads a missing one as the default).
+_SUPPORTED_WRITTEN_WHEN_SET = ("use_dora",)
 
 
 @dataclass
@@ -110,6 +111,9 @@ class LoraConfig(PeftConfig):
         fan_in_fan_out: the base weight is stored (in, out), as in GPT-2's Conv1D.
         bias: "none", "all" (train every bias) or "lora_only" (biases of adapted layers).
         use_rslora: scale by alpha / sqrt(r).
+        use_dora: DoRA (Liu et al. 2024): also train a magnitude per output, W' = m (W + s B A) / ||W + s B A||
+            (``methods/lora_dora.py``); on Linear, Conv1D, Embedding and ConvNd (not grouped) layers, float or
+            quantized bases. Costs one out-wide activation per layer more than LoRA; merge for inference.
         init_lora_weights: True (A Kaiming-uniform, B zero), "gaussian" (A ~ N(0, 1/r), B zero),
             "orthogonal" (A and B from orthogonal rows so that B A = 0; linear layers, even r), or False
             (both random: the adapter changes the output from the start; for tests). PEFT's other modes
@@ -137,8 +141,8 @@ class LoraConfig(PeftConfig):
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     runtime_config: LoraRuntimeConfig = field(default_factory=LoraRuntimeConfig)
-    # PEFT's fields for features deltatune does not have yet (see UNSUPPORTED_FIELDS)
     use_dora: bool = False
+    # PEFT's fields for features deltatune does not have yet (see UNSUPPORTED_FIELDS)
     lora_bias: bool = False
     layer_replication: list[tuple[int, int]] | None = None
     target_parameters: list[str] | None = None
@@ -161,7 +165,7 @@ class LoraConfig(PeftConfig):
     qalora_group_size: int = 16
 
     _written_only_when_set: ClassVar[frozenset[str]] = PeftConfig._written_only_when_set | frozenset(
-        {*UNSUPPORTED_FIELDS, *_INIT_CONFIG_FIELDS, *_INERT_FIELDS})
+        {*UNSUPPORTED_FIELDS, *_INIT_CONFIG_FIELDS, *_INERT_FIELDS, *_SUPPORTED_WRITTEN_WHEN_SET})
     _never_written: ClassVar[frozenset[str]] = frozenset({"runtime_config"})
 
     def __post_init__(self) -> None:
@@ -169,6 +173,8 @@ class LoraConfig(PeftConfig):
         self.target_modules = _as_list(self.target_modules)
         self.exclude_modules = _as_list(self.exclude_modules)
         self.runtime_config = _runtime_config(self.runtime_config)
+        if self.use_dora is None:  # what some PEFT versions wrote for "off"
+            self.use_dora = False
         super().__post_init__()  # runs validate()
         self._drop_unused_init_configs()
 
@@ -189,7 +195,7 @@ class LoraConfig(PeftConfig):
         check_patterns("rank_pattern", self.rank_pattern, _check_rank)
         check_patterns("alpha_pattern", self.alpha_pattern, check_number)
         check_layers(self.layers_to_transform, self.layers_pattern)
-        for name in ("fan_in_fan_out", "use_rslora"):
+        for name in ("fan_in_fan_out", "use_rslora", "use_dora"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         if not isinstance(self.bias, str) or self.bias not in BIAS_MODES:

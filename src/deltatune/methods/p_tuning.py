@@ -70,8 +70,10 @@ class PromptEncoderConfig(PromptLearningConfig):
 
 
 class PromptEncoder(nn.Module):
-    """The prompt encoder (PEFT's ``PromptEncoder``): ``embedding`` (P, token_dim) fed through ``mlp_head``
+    """The prompt encoder (PEFT's ``PromptEncoder``): ``embedding`` (T, token_dim) fed through ``mlp_head``
     (and ``lstm_head`` first, for LSTM). Built with ``inference_mode`` it holds only ``embedding``, the saved output.
+    T = P * num_transformer_submodules: an encoder-decoder adapter has 2P rows, as in PEFT (the LSTM runs over all
+    of them; the first P outputs are the virtual tokens).
     """
 
     kind: ClassVar[str] = "embeddings"
@@ -79,9 +81,10 @@ class PromptEncoder(nn.Module):
     def __init__(self, config: PromptEncoderConfig) -> None:
         super().__init__()
         self.num_virtual_tokens = config.num_virtual_tokens
+        self.total_virtual_tokens = config.num_virtual_tokens * (config.num_transformer_submodules or 1)
         self.encoder_type = config.encoder_reparameterization_type
         dim, hidden = config.token_dim, config.encoder_hidden_size
-        self.embedding = nn.Embedding(config.num_virtual_tokens, dim)
+        self.embedding = nn.Embedding(self.total_virtual_tokens, dim)
         self.reparameterized = not config.inference_mode
         if not self.reparameterized:
             return
@@ -105,10 +108,10 @@ class PromptEncoder(nn.Module):
         return self.mlp_head(embeds)
 
     def prompt(self) -> torch.Tensor:
-        """The virtual tokens (P, token_dim): the encoder's output, or the saved output once folded."""
+        """The virtual tokens (T, token_dim): the encoder's output, or the saved output once folded."""
         if not self.reparameterized:
             return self.embedding.weight
-        return self.forward(torch.arange(self.num_virtual_tokens, device=self.embedding.weight.device)[None])[0]
+        return self.forward(torch.arange(self.total_virtual_tokens, device=self.embedding.weight.device)[None])[0]
 
     @torch.no_grad()
     def load_prompt_embeddings(self, value: torch.Tensor) -> None:

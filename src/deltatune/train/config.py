@@ -66,6 +66,8 @@ class TrainConfig:
             AVX512-BF16 / AMX), fp32 elsewhere.
         quantize: None, "nf4", "fp4" or "int8": store the frozen base's linear layers in 4 or 8 bits
             (QLoRA); the adapter trains in float beside them.
+        loraplus_ratio: LoRA+ (Hayou et al. 2024): B's learning rate is ``lr`` times this (e.g. 16); None = plain
+            LoRA, one learning rate. Only --method lora takes it.
         options: the chosen method's other settings by their key (``{"bottleneck_size": 64}``), as
             ``--bottleneck-size 64`` or ``bottleneck_size: 64`` in the YAML file give them; a setting another
             method declares is refused, naming its method.
@@ -96,6 +98,7 @@ class TrainConfig:
     threads: int | None = None
     precision: str = "auto"
     quantize: str | None = None
+    loraplus_ratio: float | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -136,12 +139,23 @@ class TrainConfig:
         for name in ("threads", "max_new_tokens"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
+        self._check_loraplus()
         check_names("target_modules", self.target_modules)
         self._check_method_settings()
         for key in ("data", "eval_data"):
             _check_data_path(key, getattr(self, key))
         if self.output is not None:
             _check_output_path(self.output)
+
+    def _check_loraplus(self) -> None:
+        if self.loraplus_ratio is None:
+            return
+        if self.method != "lora":
+            raise ValueError(f"loraplus_ratio (LoRA+) sets the learning rate of LoRA's B matrices; --method "
+                             f"{self.method} has none. Use it with --method lora, or leave it out.")
+        if self.loraplus_ratio <= 0:
+            raise ValueError(f"loraplus_ratio must be > 0 (B's learning rate is lr times it; e.g. 16), got "
+                             f"{self.loraplus_ratio!r}.")
 
     def _check_types(self) -> None:
         """Each setting has the type its field says; a YAML value in quotes ("16") is text, not a number.
@@ -230,10 +244,10 @@ FIELD_KINDS = {
     "epochs": "number", "max_steps": "int", "lr": "number", "batch_size": "int", "grad_accum": "int",
     "max_length": "int", "seed": "int", "output": "text", "resume": "bool", "overwrite": "bool", "eval_size": "int",
     "max_new_tokens": "int", "save_steps": "int", "threads": "int", "precision": "text", "quantize": "text",
-    "options": "options",
+    "loraplus_ratio": "number", "options": "options",
 }
 OPTIONAL = frozenset({"model", "data", "eval_data", "format", "output", "max_new_tokens", "threads", "quantize",
-                      "lr", "target_modules"})
+                      "lr", "target_modules", "loraplus_ratio"})
 _FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig)) - {"options"}
 
 

@@ -29,10 +29,11 @@ from ..formats.models import ModelSource, load_model, load_tokenizer, resolve_mo
 from ..formats.peft import non_finite_keys
 from ..methods import bottleneck, method_for
 from ..methods.lora import LoraConfig
+from ..methods.prompt_tuning import PromptTuningConfig, init_prompt_from_text, text_token_ids
 from ..targets import base_of, find_targets
 from ..tasks import get_peft_model
 from . import data as datamod
-from .config import TrainConfig, method_config
+from .config import TrainConfig, _worded_as_flags, method_cli, method_config
 from .evaluate import default_max_new_tokens, evaluate
 from .outputs import CHECKPOINTS, check_output
 from .report import RunSummary, plot_loss, print_summary, write_log, write_run_info
@@ -123,15 +124,19 @@ def train(config: TrainConfig) -> RunSummary:
     checkpoints = os.path.join(output, CHECKPOINTS)
     check_output(output, {source.directory: "the base model's folder"}, config.overwrite, config.resume)
     peft_config = method_config(config, source.name)  # the method's own checks, before anything is loaded
+    init_text = prompt_init_text(config, peft_config)
     resume_from = resumable_checkpoint(checkpoints, lambda text: _say(main, text)) if config.resume else None
     _set_threads(config)
     tokenizer = load_tokenizer(source)
+    if init_text is not None:  # a text without tokens is refused before the model is loaded
+        _as_flags(config, text_token_ids, init_text, tokenizer, peft_config.num_virtual_tokens)
     prepared = prepare_data(config, tokenizer)
     args = training_arguments(checkpoints, config, use_cpu=not torch.cuda.is_available())
     _say(main, f"base model: {_describe_base(source)}\ndata: {prepared.source} "
                f"({len(prepared.train.rows)} training rows, {len(prepared.eval_examples)} held-out, "
                f"format {prepared.fmt})")
-    _say(main, f"method: {config.method} (lr {config.lr:g})")
+    _say(main, f"method: {config.method} (lr {config.lr:g}"
+               f"{f', LoRA+ ratio {config.loraplus_ratio:g}' if config.loraplus_ratio else ''})")
     if prepared.train.truncated:
         _say(main, f"{prepared.train.truncated} training rows are longer than max_length={config.max_length}; cut.")
 
@@ -139,6 +144,10 @@ def train(config: TrainConfig) -> RunSummary:
     model, tokenizer = load_model(source, quantize=config.quantize, tokenizer=tokenizer)
     check_adapter_fits(model, peft_config)
     peft_model = get_peft_model(model, peft_config)
+    if init_text is not None:
+        name, kwargs = tokenizer_record(source)
+        _as_flags(config, init_prompt_from_text, peft_model, init_text, tokenizer, tokenizer_name_or_path=name,
+                  tokenizer_kwargs=kwargs)
     trainable, all_params = peft_model.get_nb_trainable_parameters()
     if main:
         peft_model.print_trainable_parameters()
@@ -155,6 +164,7 @@ def train(config: TrainConfig) -> RunSummary:
                              data_collator=Collator(tokenizer.pad_token_id),
                              callbacks=[progress, StopOnNonFinite()])
     trainer.remove_callback(PrinterCallback)  # our progress bar shows the loss; no dict per step
+    trainer.loraplus_ratio = config.loraplus_ratio  # LoRA+: B's learning rate is lr x this (None: plain)
     train_start = time.time()
     _fit(trainer, progress, resume_from, checkpoints, config, main)
     train_seconds = time.time() - train_start
@@ -185,6 +195,43 @@ def train(config: TrainConfig) -> RunSummary:
     summary.write()
     print_summary(summary)
     return summary
+
+
+def prompt_init_text(config: TrainConfig, peft_config: PeftConfig) -> str | None:
+    """``--prompt-init-text``: the text whose token embeddings start the prompt, tokenized by the run's own tokenizer
+    (the bundled GGUF model has no tokenizer folder to give PEFT's ``tokenizer_name_or_path``); None when not given.
+
+    Raises:
+        ValueError: ``--prompt-init`` is given too (each says how the prompt starts).
+    """
+    if not isinstance(peft_config, PromptTuningConfig) or config.option("prompt_init_text") is None:
+        return None
+    if config.option("prompt_init") is not None:
+        raise ValueError(f"prompt_init_text starts the virtual tokens from the text's tokens and prompt_init="
+                         f"{config.option('prompt_init')!r} says otherwise; give only one of --prompt-init-text and "
+                         "--prompt-init.")
+    return peft_config.prompt_tuning_init_text
+
+
+def tokenizer_record(source: ModelSource) -> tuple[str, dict[str, str] | None]:
+    """How adapter_config.json names the run's tokenizer for a TEXT init (``tokenizer_name_or_path`` and
+    ``tokenizer_kwargs``; PEFT refuses TEXT without a name, and reads the tokenizer only to start a new adapter from
+    the config, never to load this one): the bundled model's hub id, the HF folder, or a GGUF file's folder with
+    ``gguf_file``."""
+    if source.hub_id:
+        return source.hub_id, None
+    if source.gguf_file:
+        return source.directory, {"gguf_file": source.gguf_file}
+    return source.directory, None
+
+
+def _as_flags(config: TrainConfig, function: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call a method's library function; a ValueError it raises names the flag (prompt_init_text) instead of the
+    config field (prompt_tuning_init_text)."""
+    try:
+        return function(*args, **kwargs)
+    except ValueError as err:
+        raise ValueError(_worded_as_flags(str(err), method_cli(config.method).options)) from err
 
 
 def _fit(trainer: AdapterTrainer, progress: LossProgress, resume_from: str | None, checkpoints: str,

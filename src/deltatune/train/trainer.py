@@ -28,12 +28,26 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from ..config import read_config_dict
 from ..formats.peft import load_adapter_tensors, non_finite_keys, read_adapter_weights
 from ..model import PeftModel
+from ..optim import create_loraplus_optimizer
 from .evaluate import collate
 from .task import BUILTIN_STEPS
 
 
 class AdapterTrainer(Trainer):
     """Trainer whose checkpoints hold the adapter only (PEFT files), not the base model."""
+
+    loraplus_ratio: float | None = None  # LoRA+ (``deltatune.create_loraplus_optimizer``): B trains at lr x this
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        """Trainer's optimizer (its class and settings from the arguments); with ``loraplus_ratio``, in LoRA+'s
+        parameter groups."""
+        if self.loraplus_ratio is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model if model is None else model)
+        self.optimizer = create_loraplus_optimizer(self.model if model is None else model, optimizer_cls,
+                                                   lr=kwargs.pop("lr"), loraplus_lr_ratio=self.loraplus_ratio,
+                                                   loraplus_weight_decay=self.args.weight_decay, **kwargs)
+        return self.optimizer
 
     def _peft_model(self) -> PeftModel:
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
