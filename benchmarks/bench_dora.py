@@ -46,6 +46,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_lora_step import Comparison, to_ms, train_step, trainable  # noqa: E402
+from procmem import status_kib  # noqa: E402
 
 LIBRARIES = ("deltatune", "peft")
 RANK, ALPHA = 8, 16
@@ -131,14 +132,6 @@ def saved_for_backward_bytes(model: nn.Module, ids: torch.Tensor, bf16: bool = F
     return sum(storages.values())
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def memory_child(library: str, args: argparse.Namespace) -> dict[str, float]:
     """In a fresh process: build, wrap, one warm-up step, then the RSS high-water of ``--memory-steps`` steps."""
     model = wrap(library, build_base(args), args.dropout)
@@ -147,12 +140,12 @@ def memory_child(library: str, args: argparse.Namespace) -> dict[str, float]:
     model.train()
     step = train_step(model, torch.optim.AdamW(trainable(model).values(), lr=1e-4), ids, args.bf16)
     step()
-    setup = _status_kib("VmRSS")
+    setup = status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     for _ in range(args.memory_steps):
         step()
-    return {"after_first_step_mib": setup / 1024, "train_peak_mib": _status_kib("VmHWM") / 1024}
+    return {"after_first_step_mib": setup / 1024, "train_peak_mib": status_kib("VmHWM") / 1024}
 
 
 def peak_rss(args: argparse.Namespace) -> dict[str, dict[str, float]]:

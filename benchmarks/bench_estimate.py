@@ -46,6 +46,9 @@ import sys
 import time
 from typing import Any
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from procmem import status_kib  # noqa: E402
+
 TOLERANCE = 0.15
 # case -> (estimate's method, its options, quantize)
 CASES: dict[str, tuple[str, dict[str, Any], str | None]] = {
@@ -64,14 +67,6 @@ NOT_APPLICABLE = ("not applicable: prefix tuning cannot train with gradient chec
                   "key/value cache in checkpointed layers; deltatune refuses the combination)")
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def child(args: argparse.Namespace) -> dict[str, Any]:
     """One case in this process; sizes in bytes."""
     import torch
@@ -83,11 +78,11 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     from deltatune.analysis.memory import method_config
     from deltatune.formats.models import load_model, resolve_model
 
-    baseline = _status_kib("VmRSS") * 1024
+    baseline = status_kib("VmRSS") * 1024
     method, options, quantize = CASES[args.child]
     source = resolve_model(args.model_dir)
     model, _ = load_model(source, quantize=quantize)
-    loaded_rss, load_peak = _status_kib("VmRSS") * 1024, _status_kib("VmHWM") * 1024
+    loaded_rss, load_peak = status_kib("VmRSS") * 1024, status_kib("VmHWM") * 1024
     if args.gc:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if method == "full":
@@ -106,7 +101,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         del loss  # as Trainer (training_step returns loss.detach()): the step's graph goes before the next forward
     return {"baseline": baseline, "loaded_rss": loaded_rss, "load_peak": load_peak,
-            "peak": _status_kib("VmHWM") * 1024, "trainable": trainable,
+            "peak": status_kib("VmHWM") * 1024, "trainable": trainable,
             "step_seconds": (time.perf_counter() - start) / args.steps}
 
 

@@ -10,7 +10,6 @@ The budget is 10 minutes wall time and 4 GiB peak on a 2-core CPU. Run by hand, 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
@@ -19,17 +18,10 @@ import time
 
 import psutil
 
+from procmem import tree_rss  # the script's own folder is on sys.path
+
 BUDGET_SECONDS = 600
 BUDGET_BYTES = 4 * 2**30
-
-
-def tree_rss(process: psutil.Process) -> int:
-    """Resident memory of a process and all its descendants, in bytes."""
-    total = 0
-    for proc in [process, *process.children(recursive=True)]:
-        with contextlib.suppress(psutil.NoSuchProcess):  # a child may exit between listing and reading
-            total += proc.memory_info().rss
-    return total
 
 
 def measure(command: list[str], log_path: str) -> tuple[float, int, int]:

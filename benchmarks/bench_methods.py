@@ -47,6 +47,9 @@ from typing import Any
 
 import psutil
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from procmem import tree_rss  # noqa: E402
+
 METHODS = ("lora", "ia3", "bottleneck", "prompt", "ptuning", "prefix")
 MERGEABLE_CLAIM = ("lora", "ia3")  # only used to order the report; mergeability itself is measured
 # Sweep grids around each method's default lr (deltatune's --lr defaults: lora 2e-3, ia3 1e-2,
@@ -115,15 +118,6 @@ def write_banking(output: str, seed: int = 0) -> tuple[str, str, int]:
 
 
 # ---------------------------------------------------------------- one training run, measured from outside
-
-def tree_rss(process: psutil.Process) -> int:
-    """Resident memory of a process and all its descendants, in bytes."""
-    total = 0
-    for proc in [process, *process.children(recursive=True)]:
-        with contextlib.suppress(psutil.NoSuchProcess):  # a child may exit between listing and reading
-            total += proc.memory_info().rss
-    return total
-
 
 def tree_cpu(process: psutil.Process) -> float:
     """CPU seconds (user + system) used so far by a process and its live descendants."""

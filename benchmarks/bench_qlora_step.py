@@ -70,6 +70,7 @@ from bench_lora_step import (  # noqa: E402 - the sibling benchmark's model, ste
     train_step,
     trainable,
 )
+from procmem import status_kib  # noqa: E402
 
 LIBRARIES = ("deltatune", "peft+bnb")
 UNFUSED = "deltatune-unfused"
@@ -154,14 +155,6 @@ def unfused(model: nn.Module) -> nn.Module:
 # ---- (c) peak memory ------------------------------------------------------------------------------
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def memory_child(library: str, args: argparse.Namespace) -> dict[str, float]:
     """Build, quantize and wrap in this process, then train ``--memory-steps`` steps; sizes in MiB."""
     model = qlora_model(library, build_base(args.quick, args.seed))
@@ -169,12 +162,12 @@ def memory_child(library: str, args: argparse.Namespace) -> dict[str, float]:
                         generator=torch.Generator().manual_seed(args.seed + 1))
     model.train()
     step = train_step(model, torch.optim.AdamW(trainable(model).values(), lr=1e-4), ids, args.bf16)
-    setup_rss = _status_kib("VmRSS")
+    setup_rss = status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     for _ in range(args.memory_steps):
         step()
-    return {"setup_rss_mib": setup_rss / 1024, "train_peak_mib": _status_kib("VmHWM") / 1024,
+    return {"setup_rss_mib": setup_rss / 1024, "train_peak_mib": status_kib("VmHWM") / 1024,
             "process_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
