@@ -415,12 +415,17 @@ def prompt_inputs(kwargs: dict[str, Any], module: PromptModule, config: PromptLe
     if module.kind == "prefix" and config.task_type in NO_TOKEN_TYPES:
         _drop_token_type_ids(kwargs, config.task_type)
     if cache is not None:
-        name = cache_argument(model)
-        if name is None:
-            raise ValueError(f"{type(model).__name__}.forward takes no KV cache ('cache' or 'past_key_values'), "
-                             f"which {config.peft_type} needs.")
-        kwargs[name] = cache
+        pass_cache(kwargs, model, cache, config)
     return kwargs
+
+
+def pass_cache(kwargs: dict[str, Any], model: nn.Module, cache: Any, config: PromptLearningConfig) -> None:
+    """Put ``cache`` in ``kwargs`` under the keyword ``model`` takes it by, or say that the model takes none."""
+    name = cache_argument(model)
+    if name is None:
+        raise ValueError(f"{type(model).__name__}.forward takes no KV cache ('cache' or 'past_key_values'), "
+                         f"which {config.peft_type} needs.")
+    kwargs[name] = cache
 
 
 def pop_cache(kwargs: dict[str, Any]) -> Any:

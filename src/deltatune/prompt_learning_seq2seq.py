@@ -23,10 +23,10 @@ from torch import nn
 from .prompt_learning import (
     PromptLearningConfig,
     PromptModule,
-    cache_argument,
     cached_length,
     encoder_prompt,
     extend_mask,
+    pass_cache,
     pop_cache,
     prefix_key_values,
     word_embeddings,
@@ -91,11 +91,7 @@ def seq2seq_inputs(kwargs: dict[str, Any], module: PromptModule, config: PromptL
     extend_mask(decoder_mask, n)
     if decoder_mask["attention_mask"] is not None:
         kwargs["decoder_attention_mask"] = decoder_mask["attention_mask"]
-    name = cache_argument(model)
-    if name is None:
-        raise ValueError(f"{type(model).__name__}.forward takes no KV cache ('cache' or 'past_key_values'), which "
-                         f"{config.peft_type} needs.")
-    kwargs[name] = cache
+    pass_cache(kwargs, model, cache, config)
     return kwargs
 
 
