@@ -105,3 +105,17 @@ def test_cli_writes_plot_csv_and_json(tmp_path, capsys):
     assert str(out / "spectrum.png") in capsys.readouterr().out
     assert cli.main(["analyze", "spectrum", str(tmp_path), "--out", str(out)]) == 2
     assert "deltatune analyze: error:" in capsys.readouterr().err
+
+
+def test_effective_rank_lines_run_in_layer_order(tmp_path, monkeypatch):
+    """Module names sort as text ("layers.10" before "layers.2"); the plot's lines must still go layer by layer."""
+    import matplotlib.pyplot as plt
+
+    from deltatune.analysis.report import plot_spectra
+
+    kept = []
+    monkeypatch.setattr(plt, "close", kept.append)
+    spectra = {f"model.layers.{i}.self_attn.q_proj": torch.tensor([3.0, 2.0, 1.0 / (i + 1)]) for i in (0, 10, 2, 1)}
+    plot_spectra(spectra, str(tmp_path / "spectrum.png"))
+    (line,) = kept[0].axes[1].lines
+    assert list(line.get_xdata()) == [0, 1, 2, 10]

@@ -82,6 +82,7 @@ def plot_spectra(spectra: dict[str, torch.Tensor], path: str) -> None:
     left.set_ylabel("singular value of scaling * B @ A")
     left.set_title("spectra (colour: layer)")
     for kind, points in kinds.items():
+        points.sort()  # the folder's order is by name ("layers.10" before "layers.2"): draw the line by layer
         right.plot([x for x, _ in points], [e for _, e in points], marker="o", label=kind)
     right.set_xlabel("layer")
     right.set_ylabel("effective rank exp(H(s / sum s))")
