@@ -99,6 +99,10 @@ def compare_ranks(low: dict[str, object], high: dict[str, object], figures: str)
             "pictures": pictures, "per_module": per_module}
 
 
+def _seconds(value: object) -> str:
+    return "" if value is None else f"{float(value):.0f}"
+
+
 def percent(value: object) -> str:
     return "failed" if value is None else f"{100 * float(value):.1f}%"
 
@@ -106,12 +110,14 @@ def percent(value: object) -> str:
 def write_doc(results: dict[str, object], path: str) -> None:
     """docs/rank.md from the results: the table, the similarity summary and what it shows."""
     rows = results["runs"]
+    eval_rows = next((int(row["eval_rows"]) for row in rows if row.get("eval_rows")), 30)
     lines = [
         "# Rank study: LoRA rank r on the main job's task",
         "",
         f"Measured {results['date']} on {results['machine']} with `{results['command']}`. One run per setting on a",
-        "shared machine: exact match moves by one example in "
-        f"{rows[0].get('eval_rows') or '?'} per 3.3 points, so differences of a few points are noise.",
+        f"shared machine: one held-out example in {eval_rows} is {100 / eval_rows:.1f} points of exact match, so "
+        "differences of one example are noise. The train seconds include the load of other jobs on the machine (a "
+        "test suite ran beside some of the runs); compare them only loosely.",
         f"Every run: the default model and built-in task, {results['steps_note']}, lr, alpha 16, dropout and seed "
         "the `deltatune train` defaults (alpha fixed across r, as in Hu et al. 2021, so the scale alpha/r changes).",
         "",
@@ -123,7 +129,7 @@ def write_doc(results: dict[str, object], path: str) -> None:
         lines.append(
             f"| {row['targets']} | {row['r']} | {row.get('trainable_params') or 0:,} | "
             f"{percent(row.get('exact_match_before'))} | {percent(row.get('exact_match_after'))} | "
-            f"{'' if loss is None else f'{loss:.3f}'} | {row.get('train_seconds') or ''} | {row['peak_rss_gib']} |")
+            f"{'' if loss is None else f'{loss:.3f}'} | {_seconds(row.get('train_seconds'))} | {row['peak_rss_gib']} |")
     similarity = results.get("similarity")
     if similarity:
         s = similarity
@@ -156,22 +162,27 @@ def write_doc(results: dict[str, object], path: str) -> None:
 def reading(results: dict[str, object]) -> str:
     """A plain statement of what the numbers say, computed from them (never written by hand)."""
     rows = [row for row in results["runs"] if row.get("exact_match_after") is not None]
+    one_example = 1 / next((int(row["eval_rows"]) for row in rows if row.get("eval_rows")), 30)
     parts = []
     for targets in TARGETS:
         ours = sorted((row for row in rows if row["targets"] == targets), key=lambda row: row["r"])
         if not ours:
             continue
         best = max(row["exact_match_after"] for row in ours)
-        smallest = next(row for row in ours if row["exact_match_after"] >= best - 0.034)
+        smallest = next(row for row in ours if row["exact_match_after"] >= best - one_example - 1e-9)
         parts.append(f"For {targets}, the best exact match is {percent(best)}; the smallest rank within one "
                      f"example of it is r={smallest['r']} ({smallest['trainable_params']:,} trainable parameters).")
     s = results.get("similarity")
     if s:
         ratio_top = s["mean_top"] / s["chance_top"]
         ratio_rest = s["mean_rest"] / s["chance_rest"]
-        parts.append(f"Between r={s['low']} and r={s['high']}, the top directions overlap {ratio_top:.0f}x more than "
-                     f"chance (mean phi {s['mean_top']:.3f} vs {s['chance_top']:.4f}), while the r={s['high']} "
-                     f"adapter's other directions overlap the r={s['low']} subspace {ratio_rest:.1f}x chance.")
+        parts.append(f"Between r={s['low']} and r={s['high']}, the top direction is shared far above chance (phi(1, 1) "
+                     f"{s['phi_1_1_mean']:.3f} on average vs {1 / s['per_module'][0]['d']:.4f}) and the first "
+                     f"{s['low']} directions of each overlap {ratio_top:.0f}x more than chance (mean phi "
+                     f"{s['mean_top']:.3f} vs {s['chance_top']:.4f}). Against the r={s['high']} adapter's other "
+                     f"directions (j > {s['low']}) the mean phi is {s['mean_rest']:.3f}, {ratio_rest:.1f}x its chance "
+                     f"level {s['chance_rest']:.4f}: the top directions agree, as Hu et al. found; the rest overlap "
+                     "much less relative to chance, though not at chance.")
     return " ".join(parts)
 
 
