@@ -51,6 +51,27 @@ class AdapterLayer(Protocol):
         ...
 
 
+class WeightedLayer(nn.Module):
+    """Base of the adapter layers that wrap one weighted layer (LoRA, (IA)^3): its weight and bias read through,
+    so code that inspects ``q_proj.weight`` keeps working on a wrapped model, and ``merged`` says whether any
+    adapter is folded in (PEFT's attribute of the same name)."""
+
+    base_layer: nn.Module
+    merged_adapters: list[str]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
     """Every adapter layer in ``model``, with its full name."""
     for name, module in model.named_modules():

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..adapter_layer import (
     BASE_ADAPTER,
+    WeightedLayer,
     adapter_layers,
     check_batch_size,
     inside_adapter_layer,
@@ -180,7 +181,7 @@ def _vector_dtype(base: nn.Module) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-class IA3Layer(nn.Module):
+class IA3Layer(WeightedLayer):
     """Wraps one Linear, Conv1D, Conv2d/3d (or quantized linear) and adds any number of named (IA)^3 vectors.
 
     Each adapter scales either the input (a feed-forward module) or the output of the base layer; active
@@ -201,19 +202,6 @@ class IA3Layer(nn.Module):
         self.batch_adapter_names: list[str] | None = None
         # weight (and bias) entries a merge multiplied by exactly 0, kept so unmerge can restore them
         self._zeroed: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-
-    # Read-through so code that inspects k_proj.weight keeps working on a wrapped model.
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return getattr(self.base_layer, "bias", None)
-
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
 
     def adapter_names(self) -> list[str]:
         return list(self.ia3_l)

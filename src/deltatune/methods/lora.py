@@ -14,7 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapter_layer import BASE_ADAPTER, check_batch_size, inside_adapter_layer, replace_module, rows_by_adapter
+from ..adapter_layer import (
+    BASE_ADAPTER,
+    WeightedLayer,
+    check_batch_size,
+    inside_adapter_layer,
+    replace_module,
+    rows_by_adapter,
+)
 from ..quant.bnb import bnb_add_to_weight, bnb_dequantized_weight, bnb_weight_kind
 from ..targets import (
     fan_in_fan_out_for,
@@ -96,7 +103,7 @@ def _adapter_dtype(base: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-class LoraLayer(nn.Module):
+class LoraLayer(WeightedLayer):
     """Wraps one Linear, Conv1D, ConvNd or Embedding and adds any number of named LoRA adapters."""
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
@@ -125,19 +132,6 @@ class LoraLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
         self.batch_adapter_names: list[str] | None = None
-
-    # Read-through so code that inspects q_proj.weight keeps working on a wrapped model.
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return getattr(self.base_layer, "bias", None)
-
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
 
     def adapter_names(self) -> list[str]:
         return list(self.r)
