@@ -65,6 +65,27 @@ MODELS = {
 }
 
 
+def quiet(fn, *args, **kwargs):
+    """Call ``fn`` with warnings silenced (PEFT and transformers warn on the tiny models)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+def snapshot(model: torch.nn.Module) -> tuple:
+    """Module tree, values and requires_grad: what "the model is unchanged" compares."""
+    return ([(n, type(m)) for n, m in model.named_modules()],
+            {k: v.detach().clone() for k, v in model.state_dict().items()},
+            {n: p.requires_grad for n, p in model.named_parameters()})
+
+
+def assert_unchanged(model: torch.nn.Module, before: tuple) -> None:
+    tree, values, grads = snapshot(model)
+    assert tree == before[0]
+    assert values.keys() == before[1].keys() and all(torch.equal(values[k], before[1][k]) for k in values)
+    assert grads == before[2]
+
+
 def make_model(kind: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return MODELS[kind]()

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import deltatune as dt
 from tests.conftest import logits, make_model, model_inputs, perturb
+from tests.conftest import quiet as _quiet
 
 CASES = [
     # (model kind, config kwargs shared by both libraries)
@@ -29,12 +30,6 @@ CASES = [
     ("t5", {"r": 4, "lora_alpha": 8, "target_modules": r".*(SelfAttention|EncDecAttention)\.(q|v)"}),
 ]
 IDS = [f"{kind}-{i}" for i, (kind, _) in enumerate(CASES)]
-
-
-def _quiet(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kwargs)
 
 
 @pytest.mark.parametrize(("kind", "kwargs"), CASES, ids=IDS)

@@ -21,13 +21,8 @@ import deltatune as dt
 from deltatune.adapter_layer import adapter_layers
 from deltatune.methods.ia3 import IA3Layer
 from deltatune.quant import Linear4bit, Linear8bit, quantize_arguments, quantize_model
-from tests.conftest import logits, make_model, model_inputs
-
-
-def _quiet(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kwargs)
+from tests.conftest import assert_unchanged, logits, make_model, model_inputs, snapshot
+from tests.conftest import quiet as _quiet
 
 
 @torch.no_grad()
@@ -40,20 +35,6 @@ def perturb_ia3(model: nn.Module, seed: int = 3) -> None:
             param.copy_(1.0 + noise)
         elif "modules_to_save" in name:
             param.copy_(noise)
-
-
-def snapshot(model: nn.Module) -> tuple[list[tuple[str, type]], dict[str, torch.Tensor], dict[str, bool]]:
-    """Module tree, values and requires_grad: what "the model is unchanged" compares."""
-    return ([(n, type(m)) for n, m in model.named_modules()],
-            {k: v.detach().clone() for k, v in model.state_dict().items()},
-            {n: p.requires_grad for n, p in model.named_parameters()})
-
-
-def assert_unchanged(model: nn.Module, before: tuple) -> None:
-    tree, values, grads = snapshot(model)
-    assert tree == before[0]
-    assert values.keys() == before[1].keys() and all(torch.equal(values[k], before[1][k]) for k in values)
-    assert grads == before[2]
 
 
 # ---- the contract, table-driven -----------------------------------------------------------------

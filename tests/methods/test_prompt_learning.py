@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 import deltatune as dt
-from tests.conftest import make_model
+from tests.conftest import assert_unchanged, make_model, snapshot
+from tests.conftest import quiet as _quiet
 
 MODELS = [("llama", "CAUSAL_LM"), ("gpt2", "CAUSAL_LM"), ("bert", "SEQ_CLS")]
 METHODS = {  # name -> (config class name, shared by both libraries; kwargs)
@@ -38,12 +39,6 @@ GEN = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
 def config(library, method: str, task: str, **extra):
     name, kwargs = METHODS[method]
     return getattr(library, name)(task_type=task, num_virtual_tokens=P, **kwargs, **extra)
-
-
-def _quiet(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kwargs)
 
 
 @torch.no_grad()
@@ -114,20 +109,6 @@ def beam_oracle(theirs: nn.Module, inputs: dict[str, torch.Tensor], beams: int =
 def generate(model: nn.Module, inputs: dict[str, torch.Tensor], **kwargs) -> torch.Tensor:
     with torch.no_grad():
         return model.generate(**inputs, **GEN, **kwargs)
-
-
-def snapshot(model: nn.Module) -> tuple:
-    """Module tree, values and requires_grad: what "the model is unchanged" compares."""
-    return ([(n, type(m)) for n, m in model.named_modules()],
-            {k: v.detach().clone() for k, v in model.state_dict().items()},
-            {n: p.requires_grad for n, p in model.named_parameters()})
-
-
-def assert_unchanged(model: nn.Module, before: tuple) -> None:
-    tree, values, grads = snapshot(model)
-    assert tree == before[0]
-    assert values.keys() == before[1].keys() and all(torch.equal(values[k], before[1][k]) for k in values)
-    assert grads == before[2]
 
 
 # ---- PEFT's adapters in deltatune, deltatune's in PEFT ---------------------------------------------
