@@ -19,6 +19,7 @@ from .methods import PeftType
 from .methods.bottleneck import BottleneckConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
+from .methods.lora_config import LoftQConfig
 from .methods.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
 from .methods.prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from .methods.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit, init_prompt_from_text
@@ -52,6 +53,7 @@ __all__ = [
     "AutoPeftModelForTokenClassification",
     "BottleneckConfig",
     "IA3Config",
+    "LoftQConfig",
     "LoraConfig",
     "PeftConfig",
     "PeftModel",

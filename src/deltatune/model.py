@@ -27,6 +27,8 @@ from .formats.peft import adapter_tensors, check_finite, load_adapter_tensors, p
 from .functional import remove_adapter_layers, resolve_save_embedding_layers, values_from_state_dict
 from .loading import adapter_directory, check_adapter_name, read_adapter
 from .methods import method_for
+from .methods.lora_init import convert_to_plain_lora, read_initial_adapter
+from .methods.lora_slices import file_config
 from .modules_to_save import wrap_modules_to_save
 from .prompt_learning import check_combination, refuse_merge, trainable_tensors
 from .prompt_learning_tasks import prompted_forward, prompted_generate
@@ -408,6 +410,9 @@ class PeftModel(nn.Module):
             save_embedding_layers: True also writes the full embedding matrices of targeted embedding
                 layers; "auto" does as PEFT does (True when ``embed_tokens``/``lm_head`` are named in
                 ``target_modules`` or the vocabulary differs from the base model's local config.json).
+            path_initial_model_for_weight_conversion: the folder of this adapter saved right after
+                initialisation; a PiSSA / OLoRA adapter is then written as a plain LoRA adapter of rank 2r for the
+                original base weights (as PEFT). That folder is only read.
             state_dict: the full model state dict (as Trainer passes under FSDP/DeepSpeed); the adapter's
                 values are taken from it instead of the live parameters.
         """
@@ -416,9 +421,9 @@ class PeftModel(nn.Module):
         if not safe_serialization:
             raise ValueError("safe_serialization=False (a pickled adapter_model.bin) is not supported: deltatune "
                              "writes safetensors only, which PEFT reads too.")
+        initial = None
         if path_initial_model_for_weight_conversion is not None:
-            raise ValueError("path_initial_model_for_weight_conversion (PiSSA/OLoRA conversion) is not supported "
-                             "yet by deltatune.")
+            initial = read_initial_adapter(path_initial_model_for_weight_conversion)
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory!r} is a file; save_pretrained needs a folder.")
         names = selected_adapters or list(self.peft_config)
@@ -438,8 +443,16 @@ class PeftModel(nn.Module):
                                          "parent_library": type(model).__module__}
             embeddings = resolve_save_embedding_layers(save_embedding_layers, config, model)
             tensors = adapter_tensors(self, config, name, save_embedding_layers=embeddings)
+            if getattr(config, "enable_lora", None) is not None:  # sliced layers: written as the equal plain LoRA
+                config = file_config(config, dict(adapter_layers(model)), name)
             if state_dict is not None:
                 tensors = values_from_state_dict(self, tensors, state_dict)
+            if initial is not None:
+                if getattr(config, "peft_type", None) != "LORA":
+                    raise ValueError(f"path_initial_model_for_weight_conversion converts PiSSA / OLoRA LoRA adapters "
+                                     f"to plain LoRA; adapter {name!r} is {config.peft_type}.")
+                config, tensors = convert_to_plain_lora(config, tensors, initial,
+                                                        os.fspath(path_initial_model_for_weight_conversion))
             check_finite(tensors, f"adapter {name!r}")
             writes.append((directory, config, tensors, extra))
         for directory, config, tensors, extra in writes:

@@ -154,7 +154,7 @@ def test_config_validation_messages():
     with pytest.raises(ValueError, match="bias must be"):
         dt.LoraConfig(bias="some")
     with pytest.raises(ValueError, match="init_lora_weights"):
-        dt.LoraConfig(init_lora_weights="pissa")
+        dt.LoraConfig(init_lora_weights="corda")
     with pytest.raises(ValueError, match="lora_dropout"):
         dt.LoraConfig(lora_dropout=1.5)
 

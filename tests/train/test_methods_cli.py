@@ -193,7 +193,7 @@ def test_method_defaults():
     (["--method", "ia3", "--placement", "houlsby"], "placement is a setting of --method bottleneck, not of --method "
                                                     "ia3"),
     (["--bottleneck-size", "8"], "bottleneck_size is a setting of --method bottleneck, not of --method lora (which "
-                                 "takes --r, --alpha, --dropout, --dora)."),
+                                 "takes --r, --alpha, --dropout, --dora, --init)."),
     (["--method", "bottleneck", "--bottleneck-size", "0"], "bottleneck_size must be a positive integer"),
     (["--method", "bottleneck", "--bottleneck-size", "4", "--reduction-factor", "2"],
      "give bottleneck_size or reduction_factor, not both"),

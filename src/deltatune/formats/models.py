@@ -195,6 +195,15 @@ def load_model(
     return model.eval(), tokenizer
 
 
+def quantize_beside_adapters(model: nn.Module, quantize: str) -> None:
+    """``load_model(quantize=...)``'s quantization, for a model whose adapted layers LoftQ quantized already: every
+    other linear layer of the base (the output head stays float), never an adapter's own layers."""
+    from ..quant import quantize_arguments, quantize_model
+
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    quantize_model(base, skip_modules=("lora_A", "lora_B"), **quantize_arguments(quantize))
+
+
 def _read_gguf(source: ModelSource, read: Any) -> Any:
     """``read()`` (a transformers load from ``source``'s GGUF file), with a file it cannot parse as one clear error.
 

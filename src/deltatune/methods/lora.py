@@ -9,6 +9,7 @@ stable as r grows.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,11 +28,12 @@ from ..targets import (
     fan_in_fan_out_for,
     find_targets,
     gpt2_conv1d_class,
+    is_gpt2_conv1d,
     is_linear_like,
     is_quantized,
     resolve_pattern,
 )
-from . import lora_dora
+from . import lora_dora, lora_init, lora_slices
 from .lora_config import (  # noqa: F401 - re-exported: LoRA's config is part of this method's API
     BIAS_MODES,
     INIT_MODES,
@@ -60,7 +62,7 @@ def _kind(base: nn.Module) -> str:
 
 
 def _check_adapter_fits(base: nn.Module, r: int, init_lora_weights: bool | str, where: str,
-                        use_dora: bool = False) -> None:
+                        use_dora: bool = False, has_adapters: bool = False) -> None:
     """Refuse, before anything changes, an adapter this layer cannot hold (PEFT refuses the same ones).
 
     A grouped convolution's B is grouped too (each group of outputs reads r / groups of A's channels), so r
@@ -70,6 +72,7 @@ def _check_adapter_fits(base: nn.Module, r: int, init_lora_weights: bool | str, 
     kind = _kind(base)
     if use_dora:
         lora_dora.check_dora_fits(base, where)
+    lora_init.check_base_init_fits(base, kind, r, init_lora_weights, where, has_adapters)
     groups = getattr(base, "groups", 1) if kind == "conv" else 1
     if r % groups:
         raise ValueError(
@@ -108,14 +111,8 @@ class LoraLayer(WeightedLayer):
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__()
-        self.base_layer = base_layer
         self.kind = _kind(base_layer)
-        # whether the base layer's output is a fresh tensor its backward does not need (see _add_lora)
-        conv1d = gpt2_conv1d_class()
-        self._result_is_scratch = type(base_layer) is nn.Linear or (conv1d is not None and type(base_layer) is conv1d)
-        # whether training steps may take `FusedLoraLinear` (see `_fused_call` for the per-call conditions)
-        self._fusable = type(base_layer) is nn.Linear or callable(
-            getattr(base_layer, "transient_weight_and_state", None))
+        self._hold_base(base_layer)
         self.in_features, self.out_features = _features(base_layer, self.kind)
         self.fan_in_fan_out = fan_in_fan_out
         self.lora_A = nn.ModuleDict()
@@ -124,6 +121,7 @@ class LoraLayer(WeightedLayer):
         self.lora_embedding_B = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters' m (lora_dora.Magnitude)
+        self.lora_slices: dict[str, torch.Tensor] = {}  # enable_lora: B's block mask (lora_slices.py)
         self.dora_norms: dict[str, torch.Tensor] = {}  # ||W0 + s B A|| of each merged DoRA adapter, for unmerge
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
@@ -139,18 +137,25 @@ class LoraLayer(WeightedLayer):
     def add_adapter(
         self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
         init_lora_weights: bool | str = True, use_rslora: bool = False, use_dora: bool = False,
+        loftq_config: Any = None,
     ) -> None:
         """Create adapter ``name`` with rank ``r``; it is not activated here.
 
         Tensor shapes are PEFT's, so files move both ways: for a convolution A is a convolution with the base's
         kernel, stride and padding into r channels, and B a 1x1 convolution with the base's ``groups``.
-        ``use_dora`` adds DoRA's magnitude vector, ``||W + s B A||`` per output (``lora_dora.py``).
+        ``use_dora`` adds DoRA's magnitude vector, ``||W + s B A||`` per output (``lora_dora.py``). PiSSA, OLoRA
+        and LoftQ (``init_lora_weights``) change the base weight, or the base layer, to match (``lora_init.py``).
         """
         if name in self.r:
             raise ValueError(f"This layer already has an adapter named {name!r}.")
-        _check_adapter_fits(self.base_layer, r, init_lora_weights, type(self.base_layer).__name__, use_dora)
+        _check_adapter_fits(self.base_layer, r, init_lora_weights, type(self.base_layer).__name__, use_dora,
+                            has_adapters=bool(self.r))
+        if lora_init.base_init(init_lora_weights) == "loftq":
+            loftq_config = lora_init.check_loftq_config(loftq_config)
         try:
             self._create_adapter(name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora)
+            if lora_init.base_init(init_lora_weights):
+                lora_init.initialize(self, name, init_lora_weights, loftq_config)
             if use_dora:
                 lora_dora.init_magnitude(self, name)
         except (RuntimeError, MemoryError) as err:  # what torch raises when the allocation fails
@@ -191,8 +196,8 @@ class LoraLayer(WeightedLayer):
         r x r orthogonal matrix, each times a Gaussian and / 10, so B A = 0 while neither is zero (PEFT's
         ``orthogonal_init``, https://datta0.github.io/posts/rethink-lora-init/).
         """
-        if init_lora_weights is False:
-            return
+        if init_lora_weights is False or (lora_init.base_init(init_lora_weights) and self.kind != "embedding"):
+            return  # (lora_init sets both from the base weight, without drawing random numbers, as PEFT)
         if self.kind == "embedding":
             nn.init.zeros_(self.lora_embedding_A[name])
             nn.init.normal_(self.lora_embedding_B[name])
@@ -210,6 +215,22 @@ class LoraLayer(WeightedLayer):
             nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
         nn.init.zeros_(lora_b)
 
+    def swap_base(self, base_layer: nn.Module) -> None:
+        """Hold ``base_layer`` (LoftQ's quantized layer) instead of the current base, of the same sizes."""
+        if _features(base_layer, _kind(base_layer)) != (self.in_features, self.out_features):
+            raise ValueError(f"{type(base_layer).__name__} does not have the sizes of the base it would replace.")
+        self._hold_base(base_layer)
+        self.fan_in_fan_out = is_gpt2_conv1d(base_layer)
+
+    def _hold_base(self, base_layer: nn.Module) -> None:
+        self.base_layer = base_layer
+        # whether the base layer's output is a fresh tensor its backward does not need (see _add_lora)
+        conv1d = gpt2_conv1d_class()
+        self._result_is_scratch = type(base_layer) is nn.Linear or (conv1d is not None and type(base_layer) is conv1d)
+        # whether training steps may take `FusedLoraLinear` (see `_fused_call` for the per-call conditions)
+        self._fusable = type(base_layer) is nn.Linear or callable(
+            getattr(base_layer, "transient_weight_and_state", None))
+
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.merged_adapters:
             raise ValueError(f"Adapter {adapter_name!r} is merged; unmerge it before deleting it.")
@@ -217,7 +238,7 @@ class LoraLayer(WeightedLayer):
                       self.lora_magnitude_vector):
             if adapter_name in store:
                 del store[adapter_name]
-        for table in (self.r, self.lora_alpha, self.scaling):
+        for table in (self.r, self.lora_alpha, self.scaling, self.lora_slices):
             table.pop(adapter_name, None)
         self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
 
@@ -478,38 +499,52 @@ def attach(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
         existing = module if isinstance(module, LoraLayer) else None
         base = existing.base_layer if existing else module
         r = resolve_pattern(config.rank_pattern, name, config.r)
-        _check_adapter_fits(base, r, config.init_lora_weights, name, use_dora)  # refuses types LoRA cannot wrap
+        # refuses types LoRA cannot wrap, and base-changing inits a layer cannot take
+        _check_adapter_fits(base, r, config.init_lora_weights, name, use_dora,
+                            has_adapters=bool(existing and existing.r))
         if existing and adapter_name in existing.r:
             raise ValueError(f"{name} already has an adapter named {adapter_name!r}; pick another name.")
-        plans.append((name, existing, base, r))
+        enable = getattr(config, "enable_lora", None)
+        mask = None if enable is None else lora_slices.block_mask(
+            lora_slices.qkv_rows(model, name, base, len(enable)), enable, r)
+        plans.append((name, existing, base, r, mask))
     done: list[tuple[str, LoraLayer | None, nn.Module]] = []
+    if lora_init.base_init(config.init_lora_weights) == "loftq":
+        lora_init.check_loftq_config(getattr(config, "loftq_config", None))
     try:
-        for name, existing, base, r in plans:
+        for name, existing, base, r, mask in plans:
             layer = existing or LoraLayer(base, fan_in_fan_out=fan_in_fan_out_for(base, config, name))
+            alpha = resolve_pattern(config.alpha_pattern, name, config.lora_alpha)
             try:
                 layer.add_adapter(
                     adapter_name,
-                    r=r,
-                    lora_alpha=resolve_pattern(config.alpha_pattern, name, config.lora_alpha),
+                    r=r if mask is None else mask.shape[1],
+                    lora_alpha=alpha,
                     lora_dropout=config.lora_dropout,
                     init_lora_weights=config.init_lora_weights,
                     use_rslora=config.use_rslora,
                     use_dora=use_dora,
+                    loftq_config=getattr(config, "loftq_config", None),
                 )
             except ValueError as err:
                 raise ValueError(f"{name}: {err}") from err
+            if mask is not None:
+                lora_slices.restrict(layer, adapter_name, mask, r, alpha, config.use_rslora)
             if existing is None:
                 replace_module(model, name, layer)
             done.append((name, existing, base))
     except BaseException:
-        _take_back(model, done, adapter_name)
+        _take_back(model, done, adapter_name, config.init_lora_weights)
         raise
     return names
 
 
-def _take_back(model: nn.Module, done: list[tuple[str, LoraLayer | None, nn.Module]], adapter_name: str) -> None:
-    """Undo a partial ``attach``: drop the new adapter from layers that had others, put new layers' bases back."""
+def _take_back(model: nn.Module, done: list[tuple[str, LoraLayer | None, nn.Module]], adapter_name: str,
+               init_lora_weights: Any = True) -> None:
+    """Undo a partial ``attach``: drop the new adapter from layers that had others, put new layers' bases back
+    (PiSSA / OLoRA: with ``s B A`` added back to the base weight; LoftQ: the float layer it replaced)."""
     for name, existing, base in reversed(done):
+        lora_init.undo(existing or model.get_submodule(name), adapter_name, init_lora_weights)
         if existing is not None:
             existing.delete_adapter(adapter_name)
         else:
@@ -551,4 +586,7 @@ CLI = MethodCli(name="lora", lr=2e-3, target_modules="all-linear", options=(
     CliOption("dropout", "lora_dropout", "number", 0.05, "dropout on the input of LoRA's A"),
     CliOption("dora", "use_dora", "bool", None, "DoRA: train a magnitude per output besides A and B (Liu et al. 2024)",
               label="DoRA"),
+    CliOption("init", "init_lora_weights", "text", None, "how A and B start: gaussian, orthogonal, pissa, "
+              "pissa_niter_K, olora (from the base weight, saved as plain LoRA), loftq (with --quantize nf4/int8)",
+              label="init"),
 ))

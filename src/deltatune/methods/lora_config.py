@@ -15,6 +15,8 @@ from torch import nn
 
 from ..config import PeftConfig, check_layers, check_names, check_number, check_patterns, is_real_number
 from ..targets import model_type
+from .lora_init import base_init, check_loftq_config, is_pissa_niter_typo
+from .lora_slices import check_enable_lora
 
 # LoRA's per-architecture defaults when target_modules is not given (model_type -> module names; PEFT's
 # TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING for these types).
@@ -51,10 +53,9 @@ def default_target_modules(model: nn.Module, config: object = None) -> list[str]
 
 
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_MODES = (True, False, "gaussian", "orthogonal")
-# PEFT's other init_lora_weights values: each needs data, an SVD of the base weight that changes it, or a
-# quantization pass, none of which deltatune has yet ("pissa_niter_<n>" is PiSSA too).
-PEFT_ONLY_INIT_MODES = ("pissa", "olora", "loftq", "eva", "corda", "lora_ga", "mica")
+INIT_MODES = (True, False, "gaussian", "orthogonal", "pissa", "pissa_niter_<K>", "olora", "loftq")
+# PEFT's other init_lora_weights values: each needs data (activations or gradients) deltatune does not collect.
+PEFT_ONLY_INIT_MODES = ("eva", "corda", "lora_ga", "mica")
 # ... of which these only choose A and B's starting values, which a loaded file replaces, so an adapter
 # file written with them loads as a plain LoRA adapter (as PEFT's own loader treats it).
 _INIT_MODES_PLAIN_ONCE_TRAINED = ("eva",)
@@ -83,7 +84,24 @@ _INIT_CONFIG_FIELDS = {"loftq_config": "loftq", "eva_config": "eva", "corda_conf
                        "lora_ga_config": "lora_ga"}
 _INERT_FIELDS = ("megatron_core", "qalora_group_size")
 # Fields deltatune has that a file leaves out at their default (PEFT reads a missing one as the default).
-_SUPPORTED_WRITTEN_WHEN_SET = ("use_dora",)
+_SUPPORTED_WRITTEN_WHEN_SET = ("use_dora", "enable_lora")
+
+
+@dataclass
+class LoftQConfig:
+    """PEFT's LoftQ settings, for ``LoraConfig(init_lora_weights="loftq", loftq_config=LoftQConfig(...))``.
+
+    Attributes:
+        loftq_bits: 4 (NF4, blocks of 64, no double quantization) or 8 (row-wise int8): the quantized base the
+            adapter starts by absorbing the error of.
+        loftq_iter: alternating rounds of quantize / low-rank fit (1 is LoftQ's usual choice; more fit closer).
+    """
+
+    loftq_bits: int = 4
+    loftq_iter: int = 1
+
+    def __post_init__(self) -> None:
+        check_loftq_config({"loftq_bits": self.loftq_bits, "loftq_iter": self.loftq_iter})
 
 
 @dataclass
@@ -115,9 +133,15 @@ class LoraConfig(PeftConfig):
             (``methods/lora_dora.py``); on Linear, Conv1D, Embedding and ConvNd (not grouped) layers, float or
             quantized bases. Costs one out-wide activation per layer more than LoRA; merge for inference.
         init_lora_weights: True (A Kaiming-uniform, B zero), "gaussian" (A ~ N(0, 1/r), B zero),
-            "orthogonal" (A and B from orthogonal rows so that B A = 0; linear layers, even r), or False
-            (both random: the adapter changes the output from the start; for tests). PEFT's other modes
-            (``PEFT_ONLY_INIT_MODES``) are refused.
+            "orthogonal" (A and B from orthogonal rows so that B A = 0; linear layers, even r), False
+            (both random: the adapter changes the output from the start; for tests), or one that starts from the
+            base weight and changes the base to match (``methods/lora_init.py``): "pissa" (top-r singular
+            vectors), "pissa_niter_K" (the same by a randomised SVD), "olora" (QR), "loftq" (quantizes the base
+            and fits its error; needs ``loftq_config``). PEFT's other modes (``PEFT_ONLY_INIT_MODES``) are refused.
+        loftq_config: ``LoftQConfig`` (or its dict) for init_lora_weights="loftq".
+        enable_lora: deltatune's (loralib's name): which q/k/v slices of a fused projection get LoRA, e.g.
+            ``[True, False, True]`` on GPT-2's ``c_attn`` or Phi-3's ``qkv_proj`` (``methods/lora_slices.py``);
+            each enabled slice gets rank r. Written to files as the equal plain LoRA adapter PEFT can load.
         layers_to_transform: only adapt blocks with these indices.
         layers_pattern: name of the block container ("layers", "h", ...) for layers_to_transform.
         rank_pattern: {name regex: r} overrides per module.
@@ -142,6 +166,7 @@ class LoraConfig(PeftConfig):
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     runtime_config: LoraRuntimeConfig = field(default_factory=LoraRuntimeConfig)
     use_dora: bool = False
+    enable_lora: list[bool] | None = None
     # PEFT's fields for features deltatune does not have yet (see UNSUPPORTED_FIELDS)
     lora_bias: bool = False
     layer_replication: list[tuple[int, int]] | None = None
@@ -201,6 +226,12 @@ class LoraConfig(PeftConfig):
         if not isinstance(self.bias, str) or self.bias not in BIAS_MODES:
             raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}.")
         _check_init_mode(self.init_lora_weights)
+        check_enable_lora(self.enable_lora)
+        if self.enable_lora is not None and (self.use_dora or base_init(self.init_lora_weights)):
+            raise ValueError("enable_lora (LoRA on slices of a fused layer) cannot be combined with use_dora or "
+                             f"init_lora_weights={self.init_lora_weights!r}; use plain LoRA on the slices.")
+        if self.init_lora_weights == "loftq":
+            self.loftq_config = check_loftq_config(self.loftq_config)
         if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
             raise ValueError(
                 "layers_to_transform and layers_pattern need target_modules as a list of names (a regex can select "
@@ -247,14 +278,17 @@ def _check_rank(name: str, value: Any) -> None:
         raise ValueError(f"{name}={value} is too large to be a tensor dimension; LoRA ranks are usually 4-64.")
 
 def _check_init_mode(mode: Any) -> None:
-    """True/False/'gaussian'/'orthogonal' work; PEFT's other modes get a clear 'not supported yet'."""
-    if isinstance(mode, str) and (mode in PEFT_ONLY_INIT_MODES or mode.startswith("pissa_niter_")):
+    """The modes of INIT_MODES work; PEFT's other modes get a clear 'not supported yet'."""
+    if isinstance(mode, str) and mode in PEFT_ONLY_INIT_MODES:
         raise ValueError(
-            f"init_lora_weights={mode!r} is not supported yet by deltatune; use one of {INIT_MODES}. (A PiSSA, "
-            "OLoRA or CorDA adapter loads once PEFT saved it as plain LoRA, with save_pretrained(..., "
+            f"init_lora_weights={mode!r} is not supported yet by deltatune; use one of {INIT_MODES}. (A CorDA "
+            "adapter loads once PEFT saved it as plain LoRA, with save_pretrained(..., "
             "path_initial_model_for_weight_conversion=...).)"
         )
-    if mode not in INIT_MODES or (mode in (0, 1) and not isinstance(mode, bool)):
+    if is_pissa_niter_typo(mode):
+        raise ValueError(f"init_lora_weights={mode!r}: write 'pissa_niter_K' with K the number of subspace "
+                         "iterations of the randomised SVD, e.g. 'pissa_niter_4'.")
+    if base_init(mode) is None and (mode not in INIT_MODES or (mode in (0, 1) and not isinstance(mode, bool))):
         raise ValueError(
             f"init_lora_weights={mode!r} is not a valid value; use one of {INIT_MODES} (PEFT also knows "
             f"{PEFT_ONLY_INIT_MODES}, which deltatune does not support yet)."

@@ -301,10 +301,25 @@ def method_config(config: TrainConfig, base_name: str | None = None) -> PeftConf
     values = {opt.field: config.option(opt.key) for opt in method.cli.options if config.option(opt.key) is not None}
     if takes_targets(method):
         values["target_modules"] = config.target_modules
+    values.update(_init_settings(values.get("init_lora_weights"), config.quantize))
     try:
         return method.config_class(task_type="CAUSAL_LM", base_model_name_or_path=base_name, **values)
     except ValueError as err:
         raise ValueError(_worded_as_flags(str(err), method.cli.options)) from err
+
+
+def _init_settings(init: Any, quantize: str | None) -> dict[str, Any]:
+    """What ``--init`` needs from ``--quantize``: LoftQ fits the adapter to the error of that quantized base, and
+    PiSSA / OLoRA need the float weights (PEFT's order is: initialise, then quantize the residual)."""
+    if init == "loftq":
+        if quantize not in ("nf4", "int8"):
+            raise ValueError(f"--init loftq fits the adapter to the error of a quantized base; add --quantize nf4 "
+                             f"(or int8){'' if quantize is None else f', not {quantize}'}.")
+        return {"loftq_config": {"loftq_bits": 4 if quantize == "nf4" else 8, "loftq_iter": 1}}
+    if quantize and isinstance(init, str) and (init.startswith("pissa") or init == "olora"):
+        raise ValueError(f"--init {init} needs the float base weights, so it cannot be combined with --quantize "
+                         f"{quantize}; use --init loftq for a quantized base, or train {init} without --quantize.")
+    return {}
 
 
 def _worded_as_flags(message: str, options: tuple[CliOption, ...]) -> str:

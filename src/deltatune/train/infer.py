@@ -19,6 +19,7 @@ from ..formats.models import (
     is_default_model,
     load_model,
     load_tokenizer,
+    quantize_beside_adapters,
     resolve_model,
     save_full_model,
 )
@@ -68,9 +69,15 @@ def base_source(adapter: str, model: str | None = None) -> ModelSource:
 def load_adapted(adapter: str, model: str | None = None, tokenizer: Any = None) -> tuple[PeftModel, Any]:
     """Base model + adapter, frozen, in eval mode, and the tokenizer (``tokenizer`` if given: the base's)."""
     source = base_source(adapter, model)
-    # an adapter that learned beside a quantized base gets that base rebuilt the same way
-    base, tokenizer = load_model(source, quantize=read_run_info(adapter).get("quantize"), tokenizer=tokenizer)
-    return PeftModel.from_pretrained(base, adapter, is_trainable=False), tokenizer
+    # an adapter that learned beside a quantized base gets that base rebuilt the same way; a LoftQ adapter's own
+    # layers are quantized by LoftQ again from the float weights (as when it was made), then the rest
+    quantize = read_run_info(adapter).get("quantize")
+    loftq = read_config_dict(adapter).get("init_lora_weights") == "loftq"
+    base, tokenizer = load_model(source, quantize=None if loftq else quantize, tokenizer=tokenizer)
+    adapted = PeftModel.from_pretrained(base, adapter, is_trainable=False)
+    if loftq and quantize:
+        quantize_beside_adapters(adapted, quantize)
+    return adapted, tokenizer
 
 
 def build_prompt(tokenizer: Any, history: list[dict[str, str]]) -> list[int]:

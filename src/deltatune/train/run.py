@@ -25,7 +25,7 @@ import torch
 from transformers import PrinterCallback
 
 from ..config import PeftConfig
-from ..formats.models import ModelSource, load_model, load_tokenizer, resolve_model
+from ..formats.models import ModelSource, load_model, load_tokenizer, quantize_beside_adapters, resolve_model
 from ..formats.peft import non_finite_keys
 from ..methods import bottleneck, method_for
 from ..methods.lora import LoraConfig
@@ -141,9 +141,12 @@ def train(config: TrainConfig) -> RunSummary:
         _say(main, f"{prepared.train.truncated} training rows are longer than max_length={config.max_length}; cut.")
 
     torch.manual_seed(config.seed)  # the adapter's initial A matrices
-    model, tokenizer = load_model(source, quantize=config.quantize, tokenizer=tokenizer)
+    loftq = getattr(peft_config, "init_lora_weights", None) == "loftq"  # LoftQ quantizes from the float weights
+    model, tokenizer = load_model(source, quantize=None if loftq else config.quantize, tokenizer=tokenizer)
     check_adapter_fits(model, peft_config)
     peft_model = get_peft_model(model, peft_config)
+    if loftq:
+        quantize_beside_adapters(peft_model, config.quantize)
     if init_text is not None:
         name, kwargs = tokenizer_record(source)
         _as_flags(config, init_prompt_from_text, peft_model, init_text, tokenizer, tokenizer_name_or_path=name,
@@ -159,6 +162,7 @@ def train(config: TrainConfig) -> RunSummary:
     if not config.resume and main and os.path.isdir(checkpoints):  # only with --overwrite (check_output)
         print(f"removing checkpoints of an earlier run in {checkpoints} (--overwrite)")
         shutil.rmtree(checkpoints)
+    initial = _save_initial_adapter(peft_model, peft_config, checkpoints) if main else None
     progress = LossProgress()
     trainer = AdapterTrainer(model=peft_model, args=args, train_dataset=ListDataset(prepared.train.rows),
                              data_collator=Collator(tokenizer.pad_token_id),
@@ -176,7 +180,7 @@ def train(config: TrainConfig) -> RunSummary:
     _release_memory()
     if not main:
         return summary
-    _save_adapter(peft_model, output, checkpoints, summary.steps)
+    _save_adapter(peft_model, output, checkpoints, summary.steps, initial)
     write_run_info(output, prepared.fmt, max_new, config.quantize)
     write_log(history, output)
     plot_loss(history, output)
@@ -256,15 +260,28 @@ def _fit(trainer: AdapterTrainer, progress: LossProgress, resume_from: str | Non
         progress.close()
 
 
-def _save_adapter(peft_model: Any, output: str, checkpoints: str, step: int) -> None:
-    """Write the final adapter (each file atomically); a NaN/Inf one is refused in one line, checkpoints kept."""
+def _save_initial_adapter(peft_model: Any, peft_config: PeftConfig, checkpoints: str) -> str | None:
+    """A PiSSA / OLoRA run's adapter as initialised (beside the checkpoints, removed with them), so that the final
+    one is written as a plain LoRA adapter for the original base: the run's base held the residual weights."""
+    init = getattr(peft_config, "init_lora_weights", None)
+    if not (isinstance(init, str) and (init.startswith("pissa") or init == "olora")):
+        return None
+    path = os.path.join(checkpoints, "initial-adapter")
+    peft_model.save_pretrained(path)
+    return path
+
+
+def _save_adapter(peft_model: Any, output: str, checkpoints: str, step: int, initial: str | None = None) -> None:
+    """Write the final adapter (each file atomically); a NaN/Inf one is refused in one line, checkpoints kept.
+
+    ``initial``: the folder of :func:`_save_initial_adapter`; the adapter is then converted to plain LoRA."""
     bad = non_finite_keys(dict(peft_model.named_parameters()))
     if bad:
         last = last_checkpoint(checkpoints)
         kept = f"; the last checkpoint is kept: {last}" if last else ""
         raise NonFiniteTrainingError(step, f"{len(bad)} trained tensor(s) hold NaN or Inf (first: {bad[0]}), so no "
                                      f"adapter was written{kept}.")
-    peft_model.save_pretrained(output)
+    peft_model.save_pretrained(output, path_initial_model_for_weight_conversion=initial)
 
 
 def check_adapter_fits(model: torch.nn.Module, config: PeftConfig, bytes_per_value: int = 16) -> None:
