@@ -15,6 +15,7 @@ from .auto import (
 from .config import PeftConfig, TaskType
 from .functional import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from .integrations import install as _install_integrations
+from .loss import causal_lm_loss
 from .methods import PeftType
 from .methods.bottleneck import BottleneckConfig
 from .methods.ia3 import IA3Config
@@ -75,6 +76,7 @@ __all__ = [
     "PromptTuningInit",
     "TaskType",
     "__version__",
+    "causal_lm_loss",
     "create_loraplus_optimizer",
     "get_peft_model",
     "get_peft_model_state_dict",

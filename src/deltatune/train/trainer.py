@@ -27,6 +27,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..config import read_config_dict
 from ..formats.peft import load_adapter_tensors, non_finite_keys, read_adapter_weights
+from ..loss import backbone_and_head, causal_lm_loss
 from ..model import PeftModel
 from ..optim import create_loraplus_optimizer
 from .evaluate import collate
@@ -37,6 +38,29 @@ class AdapterTrainer(Trainer):
     """Trainer whose checkpoints hold the adapter only (PEFT files), not the base model."""
 
     loraplus_ratio: float | None = None  # LoRA+ (``deltatune.create_loraplus_optimizer``): B trains at lr x this
+    label_positions_loss: bool = True  # the loss from the labelled positions only, in chunks (``deltatune.loss``)
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor | tuple:
+        """Trainer's loss; for a causal LM whose head is plain, :func:`deltatune.loss.causal_lm_loss` on the
+        backbone's hidden states: the same value, without the (tokens x vocab) logits of every position.
+
+        Anything else Trainer does differently (outputs asked for, label smoothing, a custom loss, a model wrapped
+        for distributed training, whose gradient sync needs its own forward) takes Trainer's path."""
+        parts = None
+        if (self.label_positions_loss and not return_outputs and "labels" in inputs and self.label_smoother is None
+                and self.compute_loss_func is None and model is self._peft_model()):
+            parts = backbone_and_head(model)
+        if parts is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        backbone, head = parts
+        labels = inputs["labels"]
+        hidden = backbone(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False).last_hidden_state
+        count = num_items_in_batch if self.model_accepts_loss_kwargs else None
+        loss = causal_lm_loss(hidden, head, labels, num_items_in_batch=count)
+        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and count is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # as Trainer scales its loss
+        return loss
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         """Trainer's optimizer (its class and settings from the arguments); with ``loraplus_ratio``, in LoRA+'s
