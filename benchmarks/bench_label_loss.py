@@ -7,9 +7,15 @@ flipping every round. Reported per setting: the median of training seconds (from
 resident memory of the process tree (sampled every 0.2 s), the exact match after training and the last loss;
 and the median of the per-round ratios on / off.
 
+``--saved-bytes`` measures instead, in this process, what autograd keeps for backward from one training forward
+of the same model, adapter and a batch of the main job (8 built-in rows, bf16 autocast as ``deltatune train`` on
+this CPU): every saved tensor's storage counted once, parameters left out, with the model's own loss and with
+``causal_lm_loss``. That is exact and free of allocator and machine-load noise.
+
 Usage::
 
     python benchmarks/bench_label_loss.py [--rounds 2] [--steps 40] [--output runs/label-loss] [--json FILE]
+    python benchmarks/bench_label_loss.py --saved-bytes [--batch 8] [--no-bf16]
 """
 
 from __future__ import annotations
@@ -41,13 +47,66 @@ def run(on: bool, output: str, steps: int) -> dict:
             "final_loss": summary["final_loss"]}
 
 
+def saved_bytes(args: argparse.Namespace) -> dict:
+    import torch
+
+    from deltatune import LoraConfig, causal_lm_loss, get_peft_model
+    from deltatune.formats.models import load_model, resolve_model
+    from deltatune.loss import backbone_and_head
+    from deltatune.train import data as datamod
+    from deltatune.train.evaluate import collate
+    from deltatune.train.task import builtin_splits
+
+    model, tokenizer = load_model(resolve_model(None))
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    rows, _ = builtin_splits(args.batch, 1, 0)
+    examples = datamod.to_examples(rows[:args.batch], "chat", tokenizer, "built-in")
+    batch = collate(datamod.tokenize(examples, tokenizer, 512, "built-in").rows, tokenizer.pad_token_id)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    backbone, head = backbone_and_head(model)
+
+    def measure_one(label_loss: bool) -> int:
+        storages: dict[int, int] = {}
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            if tensor.untyped_storage().data_ptr() not in params:
+                storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        model.train()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16):
+            if label_loss:
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                hidden = backbone(**inputs, use_cache=False).last_hidden_state
+                loss = causal_lm_loss(hidden, head, batch["labels"])
+            else:
+                loss = model(**batch).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return sum(storages.values())
+
+    tokens = int(batch["attention_mask"].sum())
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    own, ours = measure_one(False), measure_one(True)
+    return {"batch": list(batch["input_ids"].shape), "tokens": tokens, "labelled_tokens": labelled,
+            "vocab": head.weight.shape[0], "bf16": not args.no_bf16, "saved_mib_model_loss": round(own / 2**20, 1),
+            "saved_mib_causal_lm_loss": round(ours / 2**20, 1), "ratio": round(ours / own, 3)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--output", default=os.path.join("runs", "label-loss"))
     parser.add_argument("--json")
+    parser.add_argument("--saved-bytes", action="store_true", help="measure autograd's saved tensors instead")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--no-bf16", action="store_true")
     args = parser.parse_args()
+    if args.saved_bytes:
+        print(json.dumps(saved_bytes(args), indent=2))
+        return 0
     runs = []
     for round_ in range(args.rounds):
         order = (True, False) if round_ % 2 == 0 else (False, True)

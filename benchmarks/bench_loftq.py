@@ -139,7 +139,13 @@ def render(result: dict[str, Any]) -> str:
         f"Measured {result['date']} on {result['machine']} with `python benchmarks/bench_loftq.py "
         f"{result['settings']['argv']}`. Model: SmolLM2-135M-Instruct; base quantized to {q}; adapter: the main "
         "job's LoRA (r=8, alpha 16, all linear layers); data: the built-in order-to-JSON task, "
-        f"{result['settings']['eval_size']} held-out examples.",
+        f"{result['settings']['eval_size']} held-out examples."
+        + (f" The training runs are from an earlier run of the script ({result['settings']['train_run']})."
+           if "train_run" in result["settings"] else ""),
+    ]
+    if result["settings"].get("note"):
+        lines += ["", result["settings"]["note"]]
+    lines += [
         "",
         "## Where training starts",
         "",
@@ -177,10 +183,13 @@ def main() -> int:
     parser.add_argument("--json", help="results file (default: WORK/results.json)")
     parser.add_argument("--doc", default=os.path.join("docs", "loftq.md"))
     parser.add_argument("--from-json", help="only re-render --doc from this results file")
+    parser.add_argument("--note", help="a paragraph for the report (e.g. what else ran on the machine)")
     args = parser.parse_args()
     if args.from_json:
         with open(args.from_json, encoding="utf-8") as fh:
             result = json.load(fh)
+        if args.note:
+            result["settings"]["note"] = args.note
     else:
         args.steps = [int(s) for s in args.steps.split(",")]
         args.seeds = [int(s) for s in args.seeds.split(",")]
@@ -190,12 +199,14 @@ def main() -> int:
         result = {"date": datetime.date.today().isoformat(),
                   "machine": f"{platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__}",
                   "settings": {"quantize": args.quantize, "eval_size": args.eval_size,
-                               "argv": " ".join(sys.argv[1:])}}
+                               "argv": " ".join(sys.argv[1:]), "note": args.note}}
         result["start"] = start_losses(args)
         print(json.dumps(result["start"], indent=2), flush=True)
         if args.train_json:
             with open(args.train_json, encoding="utf-8") as fh:
-                result["train"] = json.load(fh)["train"]
+                earlier = json.load(fh)
+            result["train"] = earlier["train"]
+            result["settings"]["train_run"] = f"{earlier['date']}, `{earlier['settings']['argv']}`"
         else:
             result["train"] = [] if args.no_train else train_runs(args, args.work)
         with open(args.json or os.path.join(args.work, "results.json"), "w", encoding="utf-8") as fh:

@@ -37,7 +37,7 @@ def both(kind: str, seed: int = 5, **config):
 
 
 def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in model.state_dict().items()}
+    return dict(model.state_dict())
 
 
 # ---- PiSSA and OLoRA against PEFT -----------------------------------------------------------------------------------
@@ -172,8 +172,7 @@ def test_loftq_scales_by_alpha_over_r_and_fits_the_quantization_error():
     assert torch.allclose(update, b @ a, atol=1e-6)
     plain = (w - dequantized).norm()
     assert (w - dequantized - update).norm() < 0.95 * plain
-    _, _, q = loftq_factors(w, 4, 1.0, 4, 5)  # more rounds fit closer than one
-    a5, b5, q5 = loftq_factors(w, 4, 1.0, 4, 5)
+    a5, b5, q5 = loftq_factors(w, 4, 1.0, 4, 5)  # more rounds fit closer than one
     assert (w - q5.dequantize(torch.float32) - b5 @ a5).norm() < (w - dequantized - b @ a).norm()
 
 
