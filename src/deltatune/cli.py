@@ -45,6 +45,8 @@ RUN_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--quantize", {"choices": ["nf4", "fp4", "int8"],
                     "help": "QLoRA: store the frozen base in 4-bit NF4 (or FP4) or int8"}),
     ("--loraplus-ratio", {"type": float, "help": "LoRA+: train LoRA's B at --lr times this (e.g. 16; --method lora)"}),
+    ("--packing", {"action": "store_true", "default": None,
+                   "help": "padding-free batches: join each micro-batch's rows into one sequence (layer methods)"}),
     ("--config", {"help": "YAML file with any of these settings; flags win over it"}),
 ]
 

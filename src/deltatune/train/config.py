@@ -68,6 +68,10 @@ class TrainConfig:
             (QLoRA); the adapter trains in float beside them.
         loraplus_ratio: LoRA+ (Hayou et al. 2024): B's learning rate is ``lr`` times this (e.g. 16); None = plain
             LoRA, one learning rate. Only --method lora takes it.
+        packing: padding-free batches: a micro-batch's rows are joined into one sequence whose position ids
+            restart at each row (transformers' ``DataCollatorWithFlattening``), so no step computes padding;
+            attention stays within each row and the loss equals the padded batch's. Layer methods only (a
+            prompt-learning method prepends its virtual tokens per row).
         options: the chosen method's other settings by their key (``{"bottleneck_size": 64}``), as
             ``--bottleneck-size 64`` or ``bottleneck_size: 64`` in the YAML file give them; a setting another
             method declares is refused, naming its method.
@@ -99,6 +103,7 @@ class TrainConfig:
     precision: str = "auto"
     quantize: str | None = None
     loraplus_ratio: float | None = None
+    packing: bool = False
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -140,6 +145,9 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
         self._check_loraplus()
+        if self.packing and method_entry(self.method).kind != "layers":
+            raise ValueError(f"packing joins a batch's rows into one sequence; --method {self.method} prepends its "
+                             "virtual tokens to each row, so it needs padded batches. Leave --packing out.")
         check_names("target_modules", self.target_modules)
         self._check_method_settings()
         for key in ("data", "eval_data"):
@@ -244,7 +252,7 @@ FIELD_KINDS = {
     "epochs": "number", "max_steps": "int", "lr": "number", "batch_size": "int", "grad_accum": "int",
     "max_length": "int", "seed": "int", "output": "text", "resume": "bool", "overwrite": "bool", "eval_size": "int",
     "max_new_tokens": "int", "save_steps": "int", "threads": "int", "precision": "text", "quantize": "text",
-    "loraplus_ratio": "number", "options": "options",
+    "loraplus_ratio": "number", "packing": "bool", "options": "options",
 }
 OPTIONAL = frozenset({"model", "data", "eval_data", "format", "output", "max_new_tokens", "threads", "quantize",
                       "lr", "target_modules", "loraplus_ratio"})

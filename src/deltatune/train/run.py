@@ -44,8 +44,10 @@ from .trainer import (
     ListDataset,
     LossProgress,
     NonFiniteTrainingError,
+    PackingCollator,
     StopOnNonFinite,
     last_checkpoint,
+    packing_keeps_rows_apart,
     resumable_checkpoint,
     training_arguments,
 )
@@ -147,6 +149,10 @@ def train(config: TrainConfig) -> RunSummary:
     peft_model = get_peft_model(model, peft_config)
     if loftq:
         quantize_beside_adapters(peft_model, config.quantize)
+    if config.packing and not packing_keeps_rows_apart(peft_model):
+        raise ValueError(f"--packing: the attention of this {getattr(model.config, 'model_type', 'model')} model "
+                         "does not keep packed rows apart (they would attend to each other); train without "
+                         "--packing.")
     if init_text is not None:
         name, kwargs = tokenizer_record(source)
         _as_flags(config, init_prompt_from_text, peft_model, init_text, tokenizer, tokenizer_name_or_path=name,
@@ -165,7 +171,7 @@ def train(config: TrainConfig) -> RunSummary:
     initial = _save_initial_adapter(peft_model, peft_config, checkpoints) if main else None
     progress = LossProgress()
     trainer = AdapterTrainer(model=peft_model, args=args, train_dataset=ListDataset(prepared.train.rows),
-                             data_collator=Collator(tokenizer.pad_token_id),
+                             data_collator=PackingCollator() if config.packing else Collator(tokenizer.pad_token_id),
                              callbacks=[progress, StopOnNonFinite()])
     trainer.remove_callback(PrinterCallback)  # our progress bar shows the loss; no dict per step
     trainer.loraplus_ratio = config.loraplus_ratio  # LoRA+: B's learning rate is lr x this (None: plain)

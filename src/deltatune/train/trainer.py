@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import DataCollatorWithFlattening, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -167,6 +167,34 @@ class Collator:
 
     def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         return collate(rows, self.pad_id)
+
+
+class PackingCollator(DataCollatorWithFlattening):
+    """Padding-free batches (``--packing``): transformers' flattening collator, which joins the rows into one
+    sequence with position ids restarting at each row and -100 as each row's first label; transformers' attention
+    masks keep each row to itself when position ids restart and no attention mask is given."""
+
+    def __init__(self) -> None:
+        super().__init__(return_position_ids=True, separator_id=-100)
+
+    def __call__(self, rows: list[dict[str, list[int]]], return_tensors: str | None = None) -> dict[str, Any]:
+        return super().__call__([{k: r[k] for k in ("input_ids", "labels")} for r in rows], return_tensors)
+
+
+@torch.no_grad()
+def packing_keeps_rows_apart(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s attention keeps packed rows apart: the logits of a row after another one in a packed
+    sequence equal that row's logits alone. An attention that builds its mask without the position ids would let
+    packed rows attend to each other; ``--packing`` checks this once before training."""
+    was_training = model.training
+    model.eval()
+    try:
+        ids = torch.tensor([[3, 5, 7, 4, 6, 8, 9]])
+        packed = model(input_ids=ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3]]), use_cache=False).logits
+        alone = model(input_ids=ids[:, 3:], use_cache=False).logits
+    finally:
+        model.train(was_training)
+    return bool(torch.allclose(packed[0, 3:], alone[0], atol=1e-4, rtol=1e-3))
 
 
 class ListDataset(torch.utils.data.Dataset):
