@@ -123,3 +123,19 @@ def test_adapter_trainer_steps_equal_the_models_own_loss(tmp_path, grad_accum, m
     assert len(losses_on) == 3 and losses_on == pytest.approx(losses_off, rel=1e-5)
     for key, value in weights_off.items():
         assert torch.allclose(weights_on[key], value, atol=1e-5), key
+
+
+def test_adapter_trainer_runs_the_backbone_under_the_runs_autocast(tmp_path):
+    """accelerate's mixed precision wraps the model's forward; the labelled-positions path must use it too."""
+    model = quiet(dt.get_peft_model, make_model("llama"), dt.LoraConfig(r=2, target_modules=["q_proj"]))
+    seen = []
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    layer.register_forward_hook(lambda m, args, out: seen.append(torch.is_autocast_enabled("cpu")))
+    ids, mask, labels = batch()
+    rows = [{"input_ids": ids[i].tolist(), "attention_mask": [1] * 9, "labels": labels[0].tolist()} for i in range(2)]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, bf16=True,
+                             save_strategy="no", report_to=[], use_cpu=True)
+    trainer = AdapterTrainer(model=model, args=args, train_dataset=ListDataset(rows), data_collator=Collator(0))
+    trainer.label_positions_loss = True
+    quiet(trainer.train)
+    assert seen and all(seen)

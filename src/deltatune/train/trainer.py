@@ -38,7 +38,9 @@ class AdapterTrainer(Trainer):
     """Trainer whose checkpoints hold the adapter only (PEFT files), not the base model."""
 
     loraplus_ratio: float | None = None  # LoRA+ (``deltatune.create_loraplus_optimizer``): B trains at lr x this
-    label_positions_loss: bool = True  # the loss from the labelled positions only, in chunks (``deltatune.loss``)
+    # the loss from the labelled positions only, in chunks (``deltatune.loss``); off by default until its whole-run
+    # timing is measured again (the first measurement ran the backbone outside accelerate's autocast)
+    label_positions_loss: bool = False
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor | tuple:
@@ -55,9 +57,10 @@ class AdapterTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         backbone, head = parts
         labels = inputs["labels"]
-        hidden = backbone(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False).last_hidden_state
         count = num_items_in_batch if self.model_accepts_loss_kwargs else None
-        loss = causal_lm_loss(hidden, head, labels, num_items_in_batch=count)
+        with self.accelerator.autocast():  # accelerate's mixed precision wraps the model's forward, not the backbone
+            hidden = backbone(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False).last_hidden_state
+            loss = causal_lm_loss(hidden, head, labels, num_items_in_batch=count)
         if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and count is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # as Trainer scales its loss
         return loss
