@@ -19,6 +19,7 @@ from typing import Any
 
 from ..config import PeftConfig, check_names, is_real_number
 from ..methods import METHODS, Method
+from ..methods.lora_init import base_init
 from ..methods.options import CliOption, MethodCli
 from ..quant.convert import QUANTIZE_NAMES  # --quantize: storage of the frozen base
 
@@ -324,7 +325,7 @@ def _init_settings(init: Any, quantize: str | None) -> dict[str, Any]:
             raise ValueError(f"--init loftq fits the adapter to the error of a quantized base; add --quantize nf4 "
                              f"(or int8){'' if quantize is None else f', not {quantize}'}.")
         return {"loftq_config": {"loftq_bits": 4 if quantize == "nf4" else 8, "loftq_iter": 1}}
-    if quantize and isinstance(init, str) and (init.startswith("pissa") or init == "olora"):
+    if quantize and base_init(init) in ("pissa", "olora"):
         raise ValueError(f"--init {init} needs the float base weights, so it cannot be combined with --quantize "
                          f"{quantize}; use --init loftq for a quantized base, or train {init} without --quantize.")
     return {}

@@ -29,6 +29,7 @@ from ..formats.models import ModelSource, load_model, load_tokenizer, quantize_b
 from ..formats.peft import non_finite_keys
 from ..methods import bottleneck, method_for
 from ..methods.lora import LoraConfig
+from ..methods.lora_init import base_init
 from ..methods.prompt_tuning import PromptTuningConfig, init_prompt_from_text, text_token_ids
 from ..targets import base_of, find_targets
 from ..tasks import get_peft_model
@@ -269,8 +270,7 @@ def _fit(trainer: AdapterTrainer, progress: LossProgress, resume_from: str | Non
 def _save_initial_adapter(peft_model: Any, peft_config: PeftConfig, checkpoints: str) -> str | None:
     """A PiSSA / OLoRA run's adapter as initialised (beside the checkpoints, removed with them), so that the final
     one is written as a plain LoRA adapter for the original base: the run's base held the residual weights."""
-    init = getattr(peft_config, "init_lora_weights", None)
-    if not (isinstance(init, str) and (init.startswith("pissa") or init == "olora")):
+    if base_init(getattr(peft_config, "init_lora_weights", None)) not in ("pissa", "olora"):
         return None
     path = os.path.join(checkpoints, "initial-adapter")
     peft_model.save_pretrained(path)
