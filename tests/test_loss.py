@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import TrainingArguments
@@ -139,3 +141,39 @@ def test_adapter_trainer_runs_the_backbone_under_the_runs_autocast(tmp_path):
     trainer.label_positions_loss = True
     quiet(trainer.train)
     assert seen and all(seen)
+
+
+@pytest.mark.parametrize("bound", [96, 4])
+def test_short_rows_take_the_math_attention_kernel_with_the_same_steps(tmp_path, bound):
+    """Rows of at most ``math_attention_up_to`` tokens run PyTorch's math attention on a CPU (flash disabled around
+    the forward); the training itself is the same as with the default kernel."""
+    import torch.nn.functional as F
+
+    seen = []
+    original = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.cuda.flash_sdp_enabled())
+        return original(*args, **kwargs)
+
+    model = quiet(dt.get_peft_model, make_model("llama"), dt.LoraConfig(r=2, target_modules=["q_proj"]))
+    model.get_base_model().config._attn_implementation = "sdpa"
+    ids, _, labels = batch()
+    rows = [{"input_ids": ids[i].tolist(), "attention_mask": [1] * 9, "labels": labels[0].tolist()} for i in range(2)]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2,
+                             save_strategy="no", report_to=[], use_cpu=True, learning_rate=1e-2, logging_steps=1)
+    results = {}
+    for kernel_bound in (bound, 0):
+        torch.manual_seed(0)
+        trained = copy.deepcopy(model)
+        trainer = AdapterTrainer(model=trained, args=args, train_dataset=ListDataset(rows), data_collator=Collator(0))
+        trainer.math_attention_up_to = kernel_bound
+        seen.clear()
+        F.scaled_dot_product_attention = spy
+        try:
+            quiet(trainer.train)
+        finally:
+            F.scaled_dot_product_attention = original
+        assert seen and all(enabled == (kernel_bound < 9) for enabled in seen)  # 9 tokens per row here
+        results[kernel_bound] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert results[bound] == pytest.approx(results[0], rel=1e-5)

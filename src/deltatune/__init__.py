@@ -13,6 +13,7 @@ from .auto import (
     AutoPeftModelForTokenClassification,
 )
 from .config import PeftConfig, TaskType
+from .dropout import SparseDropout, sparse_dropout
 from .functional import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from .integrations import install as _install_integrations
 from .loss import causal_lm_loss
@@ -74,6 +75,7 @@ __all__ = [
     "PromptLearningConfig",
     "PromptTuningConfig",
     "PromptTuningInit",
+    "SparseDropout",
     "TaskType",
     "__version__",
     "causal_lm_loss",
@@ -84,4 +86,5 @@ __all__ = [
     "inject_adapter_in_model",
     "prepare_model_for_kbit_training",
     "set_peft_model_state_dict",
+    "sparse_dropout",
 ]

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dropout import SparseDropout
 from .methods.lora import LoraLayer
 
 DEFAULT = "default"
@@ -95,7 +96,7 @@ class MergedLinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r * enabled, in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(self.slice_size * enabled, r, **factory))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.lora_dropout = SparseDropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.merged = False
 
     def _weight(self) -> torch.Tensor:

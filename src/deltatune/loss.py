@@ -27,8 +27,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.loss_dtype = loss_dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32 (fp64 for fp64)
         total = hidden.new_zeros((), dtype=loss_dtype)
+        cast = _autocast_weight(weight, *ctx.autocast)
         for start in range(0, hidden.shape[0], chunk_size):
-            logits = F.linear(hidden[start:start + chunk_size], weight, bias).to(loss_dtype)
+            logits = F.linear(hidden[start:start + chunk_size], cast, bias).to(loss_dtype)
             total += F.cross_entropy(logits, targets[start:start + chunk_size], reduction="sum")
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.chunk_size = chunk_size
@@ -48,15 +49,17 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         loss_dtype = ctx.loss_dtype
         grad_weight = torch.zeros_like(weight, dtype=loss_dtype) if needs_weight else None
         grad_bias = torch.zeros_like(bias, dtype=loss_dtype) if needs_bias and bias is not None else None
+        cast = _autocast_weight(weight, *ctx.autocast)
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             part = hidden[start:start + ctx.chunk_size]
             # d(sum CE)/d logits = softmax - one_hot, times the incoming gradient
-            probs = torch.softmax(F.linear(part, weight, bias).to(loss_dtype), dim=-1)
+            probs = torch.softmax(F.linear(part, cast, bias).to(loss_dtype), dim=-1)
             probs[torch.arange(part.shape[0], device=probs.device), targets[start:start + ctx.chunk_size]] -= 1
             probs.mul_(grad)
             d_logits = probs.to(part.dtype)
             if grad_hidden is not None:
-                grad_hidden[start:start + part.shape[0]] = d_logits @ weight.to(part.dtype)
+                grad_hidden[start:start + part.shape[0]] = d_logits @ (cast if cast is not weight
+                                                                      else weight.to(part.dtype))
             if grad_weight is not None:
                 grad_weight.addmm_(probs.t(), part.to(loss_dtype))
             if grad_bias is not None:
@@ -64,6 +67,14 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
         grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
         return grad_hidden, grad_weight, grad_bias, None, None
+
+
+def _autocast_weight(weight: torch.Tensor, device: str, enabled: bool, dtype: torch.dtype) -> torch.Tensor:
+    """The head's weight as autocast would cast it for each matmul, cast once: autocast keeps no copy of a frozen
+    weight (its cache holds trainable leaves only), and the head is the largest matrix of a small model."""
+    if enabled and weight.is_floating_point() and not weight.requires_grad:
+        return weight.to(dtype)
+    return weight
 
 
 def causal_lm_loss(hidden_states: torch.Tensor, head: torch.nn.Module | torch.Tensor, labels: torch.Tensor,

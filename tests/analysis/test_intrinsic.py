@@ -146,8 +146,9 @@ def test_peak_memory_of_training_does_not_grow_with_d():
     # a dense P at d = 10^4 would add 10^4 * 4 bytes per weight (10 GB here)
     assert max(peaks[10] + peaks[10_000]) < 64 * num_params
     # d x D grew 1000 times; the peaks differ by at most a few floats per weight (the allocator reuses freed
-    # memory, so a run's peak above its start is noisy by a few MB either way)
-    assert abs(max(peaks[10_000]) - max(peaks[10])) < 32 * num_params
+    # memory, so a run's peak above its start is noisy by a few MB either way: compare each d's lower peak, which
+    # a growth with d would raise as much as the higher one)
+    assert abs(min(peaks[10_000]) - min(peaks[10])) < 32 * num_params
 
 
 def test_zero_theta_gives_the_original_model_exactly():

@@ -293,6 +293,70 @@ def test_fused_path_under_autocast_matches_module_by_module(kind, dropout):
         assert (got.float() - expected.float()).abs().max() <= 0.02 * scale, name
 
 
+# ---- the inference short path (LoraLayer._inference_call) ---------------------------------------------------------
+
+
+def _general_path(layer: LoraLayer, x: torch.Tensor) -> torch.Tensor:
+    layer._plain_linear = False
+    try:
+        return layer(x)
+    finally:
+        layer._plain_linear = True
+
+
+@pytest.mark.parametrize("shape", [(5, 70), (2, 5, 70), (4, 1, 70)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_inference_short_path_equals_the_general_path(shape, bias):
+    torch.manual_seed(0)
+    layer = _layer(nn.Linear(70, 24, bias=bias), r=4, alpha=8, lora_dropout=0.2).eval()
+    x = torch.randn(shape)
+    calls = []
+    original = layer._inference_call
+    layer._inference_call = lambda t: calls.append(t) or original(t)
+    with torch.no_grad():
+        quick = layer(x)
+        general = _general_path(layer, x)
+    assert len(calls) == 2  # asked both times; the second answered None (no plain linear)
+    assert quick.shape == (*shape[:-1], 24)
+    expected = F.linear(x, layer.base_layer.weight, layer.base_layer.bias) + 2.0 * (
+        x @ layer.lora_A["a"].weight.T @ layer.lora_B["a"].weight.T)
+    assert torch.allclose(quick, expected, atol=1e-5) and torch.allclose(quick, general, atol=1e-5)
+
+
+def test_inference_short_path_steps_aside_when_the_general_path_differs():
+    """Dropout in training mode, a hook, DoRA, two adapters, merged or disabled adapters and autocast all need the
+    general path; each call here must equal what that path gives."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 70)
+
+    def taken(layer: LoraLayer) -> bool:
+        with torch.no_grad():
+            return layer._inference_call(x) is not None
+
+    layer = _layer(nn.Linear(70, 24), lora_dropout=0.5)
+    assert not taken(layer.train()) and taken(layer.eval())
+    handle = layer.lora_A["a"].register_forward_hook(lambda module, args, out: out * 0)
+    assert not taken(layer)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), layer.base_layer(x))  # the hook ran
+    handle.remove()
+    layer.add_adapter("b", r=2, lora_alpha=2)
+    layer.active_adapters = ["a", "b"]
+    assert not taken(layer)
+    layer.active_adapters = ["a"]
+    layer.merge()
+    assert not taken(layer)
+    layer.unmerge()
+    layer.disabled = True
+    assert not taken(layer)
+    layer.disabled = False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not taken(layer)
+    dora = _layer(nn.Linear(70, 24), use_dora=True).eval()
+    assert not taken(dora)
+    assert taken(layer.eval())
+
+
 # ---- grouped convolutions (PEFT's shapes: A ungrouped into r channels, B a 1x1 convolution with the base's groups) --
 
 

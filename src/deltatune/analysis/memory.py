@@ -84,6 +84,7 @@ import torch
 from torch import nn
 
 from ..config import PeftConfig
+from ..dropout import SPARSE_UP_TO, SparseDropout
 from ..methods import METHODS, Method
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -288,8 +289,11 @@ def _extra_per_token(model: nn.Module, method: str, layers: int) -> float:
         if method in ("lora", "qlora"):
             inputs[SHARED_INPUTS.get(short, name)] = in_f
             extra += sum(int(p.shape[0]) for n, p in module.named_parameters() if "lora_A" in n)
-            if any(isinstance(d, nn.Dropout) and d.p > 0 for d in module.modules()):
-                extra += 1.25 * in_f  # each module's own dropout: its output (4 bytes) and mask (1 byte)
+            dropouts = [d for d in module.modules() if isinstance(d, nn.Dropout) and d.p > 0]
+            if dropouts:  # each module's own dropout: its output (4 bytes) and its mask: 1 byte per element for
+                # nn.Dropout, the dropped positions (8 bytes each, a fraction p of the elements) for SparseDropout
+                p = dropouts[0].p
+                extra += in_f * (1 + 2 * p if isinstance(dropouts[0], SparseDropout) and p <= SPARSE_UP_TO else 1.25)
         elif method == "ia3":
             feedforward = any(getattr(module, "is_feedforward", {}).values())
             extra += in_f if feedforward else out_f

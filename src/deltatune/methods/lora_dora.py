@@ -268,8 +268,10 @@ class FusedDoraLinear(torch.autograd.Function):
             grad_m = dots.div_(norm).to(m_dtype)
         del u
         grad_u = flat_grad * scale  # (tokens, out)
-        grad_after_a = (grad_u @ lora_b).mul_(scaling)  # (tokens, r), already scaled
-        grad_a = grad_after_a.t() @ lora_in if needs_a else None
+        # (r, tokens), already scaled; B^T grad^T is MKL's fast layout (see FusedLoraLinear.backward)
+        grad_after_a_t = (lora_b.t() @ grad_u.t()).mul_(scaling)
+        grad_after_a = grad_after_a_t.t()
+        grad_a = grad_after_a_t @ lora_in if needs_a else None
         grad_b = (after_a_t @ grad_u).mul_(scaling).t() if needs_b else None
         grad_x = grad_x_lora = None
         weight = _frozen_weight(ctx.base, dtype, ctx.state) if (needs_x or needs_x_lora) else None

@@ -75,15 +75,16 @@ class FusedLoraLinear(torch.autograd.Function):
         needs_x, needs_x_lora, needs_a, needs_b = ctx.needs_input_grad[:4]
         x_dtype, x_lora_dtype = ctx.input_dtypes
         flat_grad = grad.reshape(-1, grad.shape[-1]).to(lora_in.dtype)
-        grad_after_a = (flat_grad @ lora_b).mul_(ctx.scaling)  # (tokens, r), already scaled
-        grad_a = grad_after_a.t() @ lora_in if needs_a else None
+        # (r, tokens), already scaled: B^T grad^T runs 2.5-3x faster than grad B on the SmolLM2 shapes (MKL, CPU)
+        grad_after_a_t = (lora_b.t() @ flat_grad.t()).mul_(ctx.scaling)
+        grad_a = grad_after_a_t @ lora_in if needs_a else None
         grad_b = (after_a_t @ flat_grad).mul_(ctx.scaling).t() if needs_b else None
         grad_x = grad_x_lora = None
         if needs_x:
             grad_x = flat_grad @ _frozen_weight(ctx.base, lora_in.dtype, ctx.state)
             if not ctx.separate_lora_input:
-                grad_x.addmm_(grad_after_a, lora_a)
+                grad_x.addmm_(grad_after_a_t.t(), lora_a)
             grad_x = grad_x.view(*grad.shape[:-1], grad_x.shape[-1]).to(x_dtype)
         if ctx.separate_lora_input and needs_x_lora:
-            grad_x_lora = (grad_after_a @ lora_a).view(*grad.shape[:-1], lora_a.shape[-1]).to(x_lora_dtype)
+            grad_x_lora = (grad_after_a_t.t() @ lora_a).view(*grad.shape[:-1], lora_a.shape[-1]).to(x_lora_dtype)
         return grad_x, grad_x_lora, grad_a, grad_b, None, None, None
