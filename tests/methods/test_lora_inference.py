@@ -52,20 +52,24 @@ def test_stacked_logits_equal_the_general_path_and_no_weight_is_held_twice():
         assert torch.allclose(model(**inputs).logits, expected, atol=1e-5)
 
 
-def test_training_after_stacked_inference_moves_the_stacked_matrix_too():
+def test_training_after_stacked_inference_trains_the_same_parameters():
     model = _model()
     inputs = model_inputs("llama")
     with torch.inference_mode():
-        model(**inputs)  # stacks under inference_mode: the views must still train
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        model(**inputs)  # stacks under inference_mode: no inference tensor may reach training
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(params.values(), lr=1e-2)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    model.train()  # back to plain storage
+    assert all(layer._stacked is None for layer in _layers(model))
     model(**inputs, labels=inputs["input_ids"]).loss.backward()
     optimizer.step()
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
     model.eval()
+    assert torch.allclose(logits(model, inputs), logits(_general(model), inputs), atol=1e-5)
     for layer in _layers(model):
         assert layer._stacked.holds("default", layer.base_layer.weight, layer.lora_A["default"].weight,
                                     layer.base_layer.bias)
-    assert torch.allclose(logits(model, inputs), logits(_general(model), inputs), atol=1e-5)
 
 
 def test_switching_adapters_and_moving_the_model_restack():
@@ -102,3 +106,25 @@ def test_unload_and_save_after_stacking_keep_nothing_of_the_stack(tmp_path):
     for module in unloaded.modules():
         if isinstance(module, nn.Linear):
             assert module.weight.untyped_storage().nbytes() == module.weight.numel() * module.weight.element_size()
+
+
+def test_train_mode_and_state_dicts_never_hold_the_stack(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = _model()
+    inputs = model_inputs("llama")
+    expected = logits(model, inputs)
+    assert all(layer._stacked is not None for layer in _layers(model))
+    state = model.state_dict()  # gives back plain storage first
+    assert all(layer._stacked is None for layer in _layers(model))
+    pointers = [t.untyped_storage().data_ptr() for t in state.values()]
+    tied = model.get_input_embeddings().weight.untyped_storage().data_ptr()
+    assert len(pointers) - pointers.count(tied) == len(set(pointers) - {tied})  # nothing else shares storage
+    save_file({k: v for k, v in state.items() if "lm_head" not in k}, tmp_path / "all.safetensors")
+    assert set(load_file(tmp_path / "all.safetensors")) == {k for k in state if "lm_head" not in k}
+    assert torch.allclose(logits(model, inputs), expected, atol=1e-5)  # stacked again on the way
+    model.train()
+    assert all(layer._stacked is None for layer in _layers(model))
+    with torch.no_grad():
+        model(**inputs)  # a no-grad call in training mode takes the general path
+    assert all(layer._stacked is None for layer in _layers(model))

@@ -244,6 +244,19 @@ class LoraLayer(WeightedLayer):
             lora_inference.Stacked.release(self.base_layer.weight, down, getattr(self.base_layer, "bias", None))
             self._stacked = None
 
+    def train(self, mode: bool = True) -> LoraLayer:
+        """Training never runs on the stacked matrix (made only in eval-mode inference): it goes back to plain storage,
+        so optimizers, distributed wrappers and checkpoint writers see the tensors they expect."""
+        if mode:
+            self._unstack()
+        return super().train(mode)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """A state dict never holds W and A as views of one matrix (safetensors refuses tensors that share storage,
+        and savers that look for tied weights by storage would drop one); the next inference call stacks again."""
+        self._unstack()
+        return super().state_dict(*args, **kwargs)
+
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.merged_adapters:
             raise ValueError(f"Adapter {adapter_name!r} is merged; unmerge it before deleting it.")
@@ -429,19 +442,18 @@ class LoraLayer(WeightedLayer):
 
         Why: decoding one token per row is bound by per-module overhead, not by the matmuls; the general path pays
         for two submodule calls, a dropout call, a separate GEMM with A and the dispatch between LoRA, DoRA and mixed
-        batches. Taken for a no-grad call of a plain nn.Linear base with one active, unmerged, non-DoRA adapter whose
-        dropout is off (or in eval mode), all in the input's dtype outside autocast, and no hook anywhere.
+        batches. Taken for a no-grad call in eval mode (so dropout is off, and training never sees the stacked
+        matrix: ``train()`` undoes it) of a plain nn.Linear base with one active, unmerged, non-DoRA adapter, all in
+        the input's dtype outside autocast, and no hook anywhere.
         """
-        if (not self._plain_linear or self.disabled or self.batch_adapter_names is not None or self.merged_adapters
-                or len(self.active_adapters) != 1):
+        if (self.training or not self._plain_linear or self.disabled or self.batch_adapter_names is not None
+                or self.merged_adapters or len(self.active_adapters) != 1):
             return None
         modules = self._modules
         name = self.active_adapters[0]
         lora_a, lora_b = modules["lora_A"]._modules.get(name), modules["lora_B"]._modules.get(name)
         dropout = modules["lora_dropout"]._modules.get(name)
         if lora_a is None or lora_b is None or name in modules["lora_magnitude_vector"]._modules:
-            return None
-        if self.training and type(dropout) is not nn.Identity:
             return None
         base = modules["base_layer"]
         weight, down, up = base.weight, lora_a.weight, lora_b.weight
