@@ -230,9 +230,9 @@ class LoraLayer(WeightedLayer):
         # whether the base layer's output is a fresh tensor its backward does not need (see _add_lora)
         conv1d = gpt2_conv1d_class()
         self._result_is_scratch = type(base_layer) is nn.Linear or (conv1d is not None and type(base_layer) is conv1d)
-        # whether training steps may take `FusedLoraLinear` (see `_fused_call` for the per-call conditions)
         self._plain_linear = type(base_layer) is nn.Linear  # `_inference_call` may run its matmul itself
         self._stacked: lora_inference.Stacked | None = None  # its [W; A] matrix, made on the first such call
+        # whether training steps may take `FusedLoraLinear` (see `_fused_call` for the per-call conditions)
         self._fusable = type(base_layer) is nn.Linear or callable(
             getattr(base_layer, "transient_weight_and_state", None))
 
