@@ -53,3 +53,23 @@ def test_tied_and_trainable_weights_are_left_alone():
     assert peft_model.get_input_embeddings().weight.dtype == torch.float32  # lm_head shares it
     assert peft_model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.float32
     assert peft_model.base_model.model.model.layers[1].self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16
+
+
+def test_a_bf16_run_trains_and_scores_on_bf16_frozen_weights(tmp_path, monkeypatch):
+    from deltatune.train import run as runmod
+    from deltatune.train.config import TrainConfig
+    from tests.train.tiny import alpaca_rows, make_tiny_model_dir, write_jsonl
+
+    converted = []
+    original = runmod.frozen_linear_weights_in
+    monkeypatch.setattr(runmod, "frozen_linear_weights_in",
+                        lambda model, dtype: converted.append(original(model, dtype)) or converted[-1])
+    model_dir = make_tiny_model_dir(str(tmp_path / "model"))
+    data = write_jsonl(str(tmp_path / "data.jsonl"), alpaca_rows(24))
+    summary = runmod.train(TrainConfig(model=model_dir, data=data, output=str(tmp_path / "run"), max_steps=2,
+                                       batch_size=4, eval_size=4, precision="bf16", threads=1))
+    assert converted and converted[0] > 0
+    assert summary.steps == 2 and summary.exact_match_after is not None
+    fp32 = runmod.train(TrainConfig(model=model_dir, data=data, output=str(tmp_path / "fp32"), max_steps=2,
+                                    batch_size=4, eval_size=4, precision="fp32", threads=1))
+    assert len(converted) == 1 and fp32.steps == 2  # fp32 runs keep their weights

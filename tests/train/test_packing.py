@@ -66,11 +66,12 @@ def test_packed_steps_equal_padded_steps(tmp_path, kind, label_positions_loss):
         assert torch.allclose(packed[1][key], value, atol=1e-5), key
 
 
-def test_packing_run_and_its_refusal_for_prompt_methods(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16: the check runs before the weights go to bf16
+def test_packing_run_and_its_refusal_for_prompt_methods(tmp_path, precision):
     model_dir = make_tiny_model_dir(str(tmp_path / "model"))
     data = write_jsonl(str(tmp_path / "data.jsonl"), alpaca_rows(16))
     summary = runmod.train(TrainConfig(model=model_dir, data=data, output=str(tmp_path / "run"), max_steps=3,
-                                       batch_size=4, eval_size=0, precision="fp32", threads=1, packing=True))
+                                       batch_size=4, eval_size=0, precision=precision, threads=1, packing=True))
     assert summary.steps == 3 and (tmp_path / "run" / "adapter_model.safetensors").exists()
     with pytest.raises(ValueError, match="needs padded batches"):
         TrainConfig(model=model_dir, data=data, method="prompt", packing=True)

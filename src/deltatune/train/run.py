@@ -151,13 +151,14 @@ def train(config: TrainConfig) -> RunSummary:
     peft_model = get_peft_model(model, peft_config)
     if loftq:
         quantize_beside_adapters(peft_model, config.quantize)
-    if config.use_bf16 and isinstance(peft_config, LoraConfig) and not peft_config.use_dora \
-            and not base_init(peft_config.init_lora_weights) and config.quantize is None:
-        frozen_linear_weights_in(peft_model, torch.bfloat16)  # what autocast would cast them to at every call
     if config.packing and not packing_keeps_rows_apart(peft_model):
         raise ValueError(f"--packing: the attention of this {getattr(model.config, 'model_type', 'model')} model "
                          "does not keep packed rows apart (they would attend to each other); train without "
                          "--packing.")
+    if config.use_bf16 and isinstance(peft_config, LoraConfig) and not peft_config.use_dora \
+            and not base_init(peft_config.init_lora_weights) and config.quantize is None:
+        # what autocast would cast them to at every call; from here on the model runs under autocast only
+        frozen_linear_weights_in(peft_model, torch.bfloat16)
     if init_text is not None:
         name, kwargs = tokenizer_record(source)
         _as_flags(config, init_prompt_from_text, peft_model, init_text, tokenizer, tokenizer_name_or_path=name,
