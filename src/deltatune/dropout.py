@@ -68,6 +68,14 @@ def sparse_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Te
     return _SparseDropout.apply(x, p)
 
 
+def mask_bytes_per_element(dropout: nn.Dropout) -> float:
+    """What a training forward of ``dropout`` keeps for backward besides its output, in bytes per input element:
+    nn.Dropout's mask (one byte each), or the dropped positions (8 bytes, a fraction p of the elements)."""
+    if isinstance(dropout, SparseDropout) and not dropout.inplace and 0.0 < dropout.p <= SPARSE_UP_TO:
+        return 8.0 * dropout.p
+    return 1.0
+
+
 class SparseDropout(nn.Dropout):
     """``nn.Dropout`` (same ``p``, same behaviour in eval mode, an instance of it) whose training masks come from
     :func:`sparse_dropout`."""

@@ -84,7 +84,7 @@ import torch
 from torch import nn
 
 from ..config import PeftConfig
-from ..dropout import SPARSE_UP_TO, SparseDropout
+from ..dropout import mask_bytes_per_element
 from ..methods import METHODS, Method
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -290,10 +290,8 @@ def _extra_per_token(model: nn.Module, method: str, layers: int) -> float:
             inputs[SHARED_INPUTS.get(short, name)] = in_f
             extra += sum(int(p.shape[0]) for n, p in module.named_parameters() if "lora_A" in n)
             dropouts = [d for d in module.modules() if isinstance(d, nn.Dropout) and d.p > 0]
-            if dropouts:  # each module's own dropout: its output (4 bytes) and its mask: 1 byte per element for
-                # nn.Dropout, the dropped positions (8 bytes each, a fraction p of the elements) for SparseDropout
-                p = dropouts[0].p
-                extra += in_f * (1 + 2 * p if isinstance(dropouts[0], SparseDropout) and p <= SPARSE_UP_TO else 1.25)
+            if dropouts:  # each module's own dropout: its output (4 bytes) and its mask (in units of 4 bytes)
+                extra += in_f * (1 + mask_bytes_per_element(dropouts[0]) / 4)
         elif method == "ia3":
             feedforward = any(getattr(module, "is_feedforward", {}).values())
             extra += in_f if feedforward else out_f
