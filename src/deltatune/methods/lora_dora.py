@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quant.bnb import bnb_requantize, bnb_weight_kind
-from .lora_fused import _frozen_weight, _frozen_weight_and_state
+from .lora_fused import _frozen_weight, _frozen_weight_and_state, low_rank_then_base
 
 if TYPE_CHECKING:
     from .lora import LoraLayer
@@ -243,8 +243,7 @@ class FusedDoraLinear(torch.autograd.Function):
         lora_a, lora_b = lora_a.to(dtype), lora_b.to(dtype)
         bias = None if base.bias is None else base.bias.to(dtype)
         after_a_t = lora_a @ lora_in.t()  # (r, tokens): the fast layout for small r (see FusedLoraLinear)
-        u = F.linear(lora_in, weight)
-        u.addmm_(after_a_t.t(), lora_b.t(), alpha=scaling)
+        u = low_rank_then_base(after_a_t, lora_b, scaling, lora_in, weight, None)
         if x_lora is None:
             out = u * scale if bias is None else torch.addcmul(bias, u, scale)
         else:
@@ -276,14 +275,13 @@ class FusedDoraLinear(torch.autograd.Function):
         grad_x = grad_x_lora = None
         weight = _frozen_weight(ctx.base, dtype, ctx.state) if (needs_x or needs_x_lora) else None
         if not ctx.separate_lora_input:
-            if needs_x:
-                grad_x = (grad_u @ weight).addmm_(grad_after_a, lora_a)
+            if needs_x:  # the rank-r product first, the base GEMM adding into it (see low_rank_then_base)
+                grad_x = (grad_after_a @ lora_a).addmm_(grad_u, weight)
         else:
             if needs_x:
                 grad_x = flat_grad @ weight
             if needs_x_lora:
-                grad_x_lora = (flat_grad * (scale - 1)) @ weight
-                grad_x_lora = grad_x_lora.addmm_(grad_after_a, lora_a)
+                grad_x_lora = (grad_after_a @ lora_a).addmm_(flat_grad * (scale - 1), weight)
                 grad_x_lora = grad_x_lora.view(*grad.shape[:-1], -1).to(x_lora_dtype)
         if grad_x is not None:
             grad_x = grad_x.view(*grad.shape[:-1], -1).to(x_dtype)

@@ -363,7 +363,6 @@ def frozen_linear_weights_in(model: torch.nn.Module, dtype: torch.dtype) -> int:
         weight = module.base_layer.weight
         if weight.requires_grad or not weight.is_floating_point() or weight.dtype == dtype or id(weight) in shared:
             continue
-        module._unstack()  # no [W; A] view may outlive the weight's storage
         weight.data = weight.data.to(dtype)
         converted += 1
     return converted
