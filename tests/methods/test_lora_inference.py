@@ -36,7 +36,7 @@ def _model(adapters: tuple[str, ...] = ("default",)) -> nn.Module:
 
 
 def _taken(model: nn.Module) -> list[bool]:
-    """Per LoRA layer, whether the last call went through the short path (counted by wrapping it)."""
+    """Per LoRA layer, whether any call since `_count_short_path` went through the short path."""
     return [layer._short_path_calls > 0 for layer in _layers(model)]
 
 
