@@ -127,6 +127,18 @@ def saved_for_backward_bytes(model: nn.Module, ids: torch.Tensor, bf16: bool = F
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
             torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         loss = model(input_ids=ids, labels=ids).loss
+    # tensors a custom autograd Function keeps on its ctx, not through save_for_backward (deltatune's DoRA keeps its
+    # output there): the hooks above do not see them
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        for value in getattr(node, "__dict__", {}).values():
+            if isinstance(value, torch.Tensor):
+                pack(value)
+        stack.extend(next_node for next_node, _ in node.next_functions)
     loss.backward()
     model.zero_grad(set_to_none=True)
     return sum(storages.values())

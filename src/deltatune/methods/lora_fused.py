@@ -37,8 +37,9 @@ def runs_plain(module: nn.Module) -> bool:
 
 
 def low_rank_then_base(after_a_t: torch.Tensor, lora_b: torch.Tensor, scaling: float, x: torch.Tensor,
-                       weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x W^T + bias + scaling * (A x)^T B^T`` for a flat ``x`` (tokens, in), given ``after_a_t`` = A x^T (r, tokens).
+                       weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x W^T + bias + scaling * (A x)^T B^T`` for a flat ``x`` (tokens, in), given ``after_a_t`` = A x^T (r, tokens);
+    written into ``out`` (tokens, out) when given.
 
     The rank-r product is written first and the base GEMM adds into it (``addmm_`` with beta 1): MKL folds reading
     the output into a GEMM that is bound by arithmetic, where adding a rank-r product to a finished output is a
@@ -48,8 +49,19 @@ def low_rank_then_base(after_a_t: torch.Tensor, lora_b: torch.Tensor, scaling: f
     when decoding a few rows.
     """
     start = bias if bias is not None else after_a_t.new_zeros(())
-    low_rank = torch.addmm(start, after_a_t.t(), lora_b.t(), beta=1 if bias is not None else 0, alpha=scaling)
+    low_rank = torch.addmm(start, after_a_t.t(), lora_b.t(), beta=1 if bias is not None else 0, alpha=scaling,
+                           out=out)
     return low_rank.addmm_(x, weight.t())
+
+
+def unflattened_empty(x: torch.Tensor, features: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """An uninitialised output shaped like ``x`` with ``features`` last, and its flat (tokens, features) view.
+
+    A fused node returns the first, so that its output is not a view made inside a custom autograd Function: autograd
+    forbids in-place ops on those, and a model may run one right after the layer (``nn.ReLU(inplace=True)``).
+    """
+    result = x.new_empty(*x.shape[:-1], features, dtype=dtype)
+    return result, result.view(-1, features)
 
 
 class FusedLoraLinear(torch.autograd.Function):
@@ -77,11 +89,12 @@ class FusedLoraLinear(torch.autograd.Function):
         # A x^T as (r, tokens): with r this small, MKL is 1.5-3x faster in this layout than x A^T (and for B's
         # gradient below), measured on the SmolLM2 shapes
         after_a_t = lora_a @ lora_in.t()
-        out = low_rank_then_base(after_a_t, lora_b, scaling, flat_x, weight, bias)
+        result, flat_result = unflattened_empty(x, weight.shape[0], dtype)
+        low_rank_then_base(after_a_t, lora_b, scaling, flat_x, weight, bias, out=flat_result)
         ctx.save_for_backward(lora_in, lora_a, lora_b, after_a_t)
         ctx.base, ctx.state, ctx.scaling, ctx.separate_lora_input = base, state, scaling, x_lora is not None
         ctx.input_dtypes = (x.dtype, None if x_lora is None else x_lora.dtype)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return result
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
