@@ -425,7 +425,7 @@ def test_fused_magnitude_gradient_whether_the_output_is_kept_or_u(case):
     if case == "second backward":
         expected = [2 * g for g in expected]
     got = _fused_grads(m_values, in_place, backwards=2 if case == "second backward" else 1)
-    for g, e in zip(got, expected):
+    for g, e in zip(got, expected, strict=True):
         assert torch.allclose(g, e, atol=1e-5, rtol=1e-4)
 
 

@@ -26,7 +26,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quant.bnb import bnb_requantize, bnb_weight_kind
-from .lora_fused import _frozen_weight, _frozen_weight_and_state, low_rank_then_base, unflattened_empty
+from .lora_fused import (
+    _frozen_weight,
+    _frozen_weight_and_state,
+    keep_input,
+    kept_input,
+    low_rank_then_base,
+    unflattened_empty,
+)
 
 if TYPE_CHECKING:
     from .lora import LoraLayer
@@ -266,17 +273,19 @@ class FusedDoraLinear(torch.autograd.Function):
         else:
             out = F.linear((flat_x - lora_in).view(*x.shape[:-1], -1), weight, bias)
             out.addcmul_(result, scale)
-        ctx.save_for_backward(lora_in, lora_a, lora_b, after_a_t, u, scale, norm, magnitude)
+        ctx.input_structure, kept = keep_input(x, lora_in, x_lora)
+        ctx.save_for_backward(lora_a, lora_b, after_a_t, u, scale, norm, magnitude, *kept)
         ctx.base, ctx.state, ctx.scaling, ctx.separate_lora_input = base, state, scaling, x_lora is not None
         ctx.input_dtypes = (x.dtype, None if x_lora is None else x_lora.dtype, m_dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
-        lora_in, lora_a, lora_b, after_a_t, u, scale, norm, magnitude = ctx.saved_tensors
+        lora_a, lora_b, after_a_t, u, scale, norm, magnitude, *kept = ctx.saved_tensors
         needs_x, needs_x_lora, needs_a, needs_b, needs_m = ctx.needs_input_grad[:5]
         x_dtype, x_lora_dtype, m_dtype = ctx.input_dtypes
-        dtype, scaling = lora_in.dtype, ctx.scaling
+        dtype, scaling = lora_a.dtype, ctx.scaling
+        lora_in = None
         flat_grad = grad.reshape(-1, grad.shape[-1]).to(dtype)
         weight = None
         output, ctx.output = ctx.output, None  # released here, not when the graph's last node goes
@@ -287,6 +296,7 @@ class FusedDoraLinear(torch.autograd.Function):
             else:
                 if u is None:  # y was changed in place after forward (or this is a second backward): u again
                     weight = _frozen_weight(ctx.base, dtype, ctx.state)
+                    lora_in = kept_input(ctx.input_structure, kept, lora_a)
                     u = low_rank_then_base(after_a_t, lora_b, scaling, lora_in, weight, None)
                 source, divisor = u, norm
         product = grad_m = None
@@ -298,6 +308,8 @@ class FusedDoraLinear(torch.autograd.Function):
         # (r, tokens), already scaled; B^T grad^T is MKL's fast layout (see FusedLoraLinear.backward)
         grad_after_a_t = (lora_b.t() @ grad_u.t()).mul_(scaling)
         grad_after_a = grad_after_a_t.t()
+        if needs_a and lora_in is None:
+            lora_in = kept_input(ctx.input_structure, kept, lora_a)
         grad_a = grad_after_a_t @ lora_in if needs_a else None
         grad_b = (after_a_t @ grad_u).mul_(scaling).t() if needs_b else None
         grad_x = grad_x_lora = None

@@ -1,0 +1,104 @@
+"""An adapted layer's input, rebuilt in backward from tensors autograd keeps anyway, instead of kept.
+
+LoRA's A gradient needs the layer's input ``x``; a frozen layer (the floor) never keeps it. In a transformer block
+most adapted inputs are cheap products of tensors that the block's own backward keeps regardless: q/k/v and
+gate/up read ``RMSNorm(h) = w * (h * rsqrt(mean(h^2) + eps))``, whose multiplications keep ``w``, ``h`` and the
+rsqrt for their own gradients, and down_proj reads ``act(gate) * up``, whose multiplication keeps both factors. So
+instead of ``x`` (2,688 floats per token and block on SmolLM2's shape; a quarter of what a LoRA step keeps over
+the floor) the fused nodes keep references to those factors, and multiply them again in backward: a few
+elementwise products, bit for bit the same ``x``.
+
+Only chains of ``torch.mul`` are rebuilt (read from ``x.grad_fn``: ``MulBackward0`` and what it saved, see
+PyTorch's "saved tensors" notes); anything else, a chain whose replay has not matched ``x`` exactly the first
+time its shape was seen, or a forward under saved-tensor hooks (activation checkpointing, ``save_on_cpu``) or
+``torch.compile``, keeps ``x`` as before. The factors are kept through ``save_for_backward``, so an in-place
+change to one of them is an error in backward, as it would be in the multiplication's own backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MAX_DEPTH = 3  # RMSNorm's output is two multiplications deep
+_CHECKED: dict[tuple, bool] = {}  # a chain's signature -> whether its replay matched x exactly the first time
+
+
+def _saved_tensor_hooks_active() -> bool:
+    """Whether saved tensors are being packed by hooks here (non-reentrant activation checkpointing, ``save_on_cpu``):
+    reading a node's saved tensors would then run the unpack hook (for checkpointing: recompute the block in
+    forward), and what is kept is the hooks' business. PyTorch has no public query for it; where the private one is
+    missing, the answer is "yes" and inputs are kept as before."""
+    query = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if query is None:
+        return True
+    try:
+        return query(False) is not None
+    except TypeError:  # older signature without the tracing flag
+        return query() is not None
+
+
+def _chain(node: object, depth: int) -> tuple | None:
+    """The multiplication chain that produced a tensor with grad_fn ``node``: a nested (left, right) tuple whose
+    leaves are index placeholders for tensors collected in order, or None."""
+    if node is None or depth > _MAX_DEPTH or type(node).__name__ != "MulBackward0":
+        return None
+    parts = []
+    for saved_name, (child, _) in zip(("_saved_self", "_saved_other"), node.next_functions, strict=True):
+        try:
+            saved = getattr(node, saved_name, None)
+        except RuntimeError:  # freed by a backward that already ran through this product
+            return None
+        if isinstance(saved, torch.Tensor):
+            parts.append(saved)
+            continue
+        inner = _chain(child, depth + 1)
+        if inner is None:
+            return None
+        parts.append(inner)
+    return tuple(parts)
+
+
+def _leaves(chain: tuple) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+    for part in chain:
+        out.extend([part] if isinstance(part, torch.Tensor) else _leaves(part))
+    return out
+
+
+def _shape_of(chain: tuple, leaves: list[torch.Tensor]) -> tuple:
+    """The chain with each leaf replaced by its index in ``leaves``: what ``replay`` needs besides the tensors."""
+    out = []
+    for part in chain:
+        if isinstance(part, torch.Tensor):
+            out.append(next(i for i, leaf in enumerate(leaves) if leaf is part))
+        else:
+            out.append(_shape_of(part, leaves))
+    return tuple(out)
+
+
+def replay(structure: tuple, leaves: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
+    """The product ``structure`` describes, of ``leaves``."""
+    left, right = (leaves[p] if isinstance(p, int) else replay(p, leaves) for p in structure)
+    return left * right
+
+
+def rebuildable_input(x: torch.Tensor) -> tuple[tuple, list[torch.Tensor]] | None:
+    """(structure, factors) to rebuild ``x`` with :func:`replay` in backward, or None to keep ``x`` itself."""
+    if x.grad_fn is None or torch.compiler.is_compiling() or _saved_tensor_hooks_active():
+        return None
+    chain = _chain(x.grad_fn, 0)
+    if chain is None:
+        return None
+    leaves = _leaves(chain)
+    structure = _shape_of(chain, leaves)
+    signature = (structure, tuple((t.shape, t.stride(), t.dtype, t.device) for t in leaves),
+                 (x.shape, x.stride(), x.dtype))
+    matched = _CHECKED.get(signature)
+    if matched is None:
+        with torch.no_grad():
+            again = replay(structure, leaves)
+        matched = again.dtype == x.dtype and again.shape == x.shape and bool(torch.equal(again, x))
+        if len(_CHECKED) > 4096:
+            _CHECKED.clear()
+        _CHECKED[signature] = matched
+    return (structure, leaves) if matched else None

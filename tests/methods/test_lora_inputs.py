@@ -1,0 +1,169 @@
+"""The fused LoRA/DoRA nodes rebuild an adapted layer's input in backward from factors autograd keeps anyway
+(methods/lora_inputs.py): same gradients bit for bit, fewer bytes kept, and the cases that must keep the input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import deltatune as dt
+import deltatune.methods.lora_fused as lora_fused
+from deltatune.adapter_layer import adapter_layers
+from deltatune.methods import lora_inputs
+from deltatune.methods.lora import LoraLayer
+from tests.conftest import make_model, model_inputs, perturb
+
+
+def _saved_bytes(loss: torch.Tensor, params: set[int]) -> int:
+    """Bytes of every distinct storage the graph behind ``loss`` keeps (saved tensors and tensors on ctx)."""
+    storages: dict[int, int] = {}
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        values = [getattr(node, name) for name in dir(node) if name.startswith("_saved_")]
+        values += list(getattr(node, "saved_tensors", ()) or ())
+        for value in values:
+            if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() not in params:
+                storages[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
+        stack.extend(child for child, _ in node.next_functions)
+    return sum(storages.values())
+
+
+def _step(use_dora: bool, rebuild: bool, monkeypatch) -> tuple[dict[str, torch.Tensor], int]:
+    if not rebuild:
+        monkeypatch.setattr(lora_fused, "rebuildable_input", lambda x: None)
+    model = dt.get_peft_model(make_model("llama"), dt.LoraConfig(target_modules="all-linear", r=4,
+                                                                  use_dora=use_dora))
+    perturb(model)
+    model.train()
+    inputs = model_inputs("llama")
+    loss = model(**inputs, labels=inputs["input_ids"]).loss
+    saved = _saved_bytes(loss, {p.untyped_storage().data_ptr() for p in model.parameters()})
+    loss.backward()
+    monkeypatch.undo()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, saved
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_rebuilt_inputs_give_the_same_gradients_and_keep_fewer_bytes(use_dora, monkeypatch):
+    rebuilt, rebuilt_bytes = _step(use_dora, True, monkeypatch)
+    kept, kept_bytes = _step(use_dora, False, monkeypatch)
+    assert rebuilt.keys() == kept.keys()
+    for name, grad in rebuilt.items():
+        assert torch.equal(grad, kept[name]), name
+    # 3 x 7 tokens, fp32: block 1's two RMSNorm outputs (32 wide) and MLP product (48 wide), block 0's second norm
+    # and MLP product (its first norm reads the embeddings, which need no gradient: no product graph to rebuild from)
+    assert kept_bytes - rebuilt_bytes == 21 * 4 * ((32 + 32 + 48) + (32 + 48))
+
+
+def test_which_llama_inputs_are_rebuilt():
+    """q/k/v and gate/up read an RMSNorm output, down_proj the MLP product: rebuilt; o_proj reads a view of the
+    attention output (which attention keeps anyway): kept."""
+    model = dt.get_peft_model(make_model("llama"), dt.LoraConfig(target_modules="all-linear", r=4))
+    model.train()
+    structures = {}
+
+    def record(module, args, output):
+        structures[module.name] = output.grad_fn.input_structure is not None
+
+    for name, layer in adapter_layers(model):
+        if ".layers.1." in name:  # layer 0 reads the embeddings, which need no gradient: no product graph
+            layer.name = name.rsplit(".", 1)[-1]
+            layer.register_forward_hook(record)  # on the LoRA layer: the fused path looks at its base's hooks
+    model(**model_inputs("llama"))
+    assert structures == {"q_proj": True, "k_proj": True, "v_proj": True, "o_proj": False, "gate_proj": True,
+                          "up_proj": True, "down_proj": True}
+
+
+def test_rebuildable_input_reads_only_multiplication_chains():
+    a = torch.randn(3, 4, requires_grad=True)
+    b = torch.randn(3, 4, requires_grad=True)
+    w = torch.randn(4)
+    structure, leaves = lora_inputs.rebuildable_input(a * b)
+    assert torch.equal(lora_inputs.replay(structure, leaves), a * b)
+    structure, leaves = lora_inputs.rebuildable_input(w * (a * b))  # RMSNorm's shape: w kept, a * b not
+    assert torch.equal(lora_inputs.replay(structure, leaves), w * (a * b))
+    assert lora_inputs.rebuildable_input(a + b) is None
+    changed = a * b
+    changed.add_(1.0)  # an in-place op after the product: its grad_fn is no longer the product's
+    assert lora_inputs.rebuildable_input(changed) is None
+    assert lora_inputs.rebuildable_input(torch.randn(3, 4)) is None  # no graph at all
+    used = a * b
+    used.sum().backward()  # frees what the product kept
+    assert lora_inputs.rebuildable_input(used) is None
+
+
+def test_a_chain_whose_replay_does_not_match_is_kept(monkeypatch):
+    monkeypatch.setattr(lora_inputs, "_CHECKED", {})
+    a = torch.randn(5, 6, requires_grad=True)
+    b = torch.randn(5, 6, requires_grad=True)
+    real_replay = lora_inputs.replay
+    monkeypatch.setattr(lora_inputs, "replay", lambda s, leaves: real_replay(s, leaves) + 1e-3)
+    assert lora_inputs.rebuildable_input(a * b) is None
+    monkeypatch.setattr(lora_inputs, "replay", real_replay)
+    assert lora_inputs.rebuildable_input(a * b) is None  # the verdict is kept for this signature
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_a_factor_changed_in_place_after_forward_is_an_error_not_a_wrong_gradient(use_dora):
+    layer = LoraLayer(nn.Linear(6, 5, bias=False).requires_grad_(False))
+    layer.add_adapter("a", r=2, lora_alpha=2, init_lora_weights=False, use_dora=use_dora)
+    layer.active_adapters = ["a"]
+    layer.train()
+    a = torch.randn(4, 6, requires_grad=True)
+    b = torch.randn(4, 6, requires_grad=True)
+    out = layer(a * b)
+    assert out.grad_fn.input_structure is not None
+    with torch.no_grad():
+        a.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_rebuilt_input_under_bf16_autocast_matches_the_kept_one(use_dora, monkeypatch):
+    grads = {}
+    for rebuild in (True, False):
+        if not rebuild:
+            monkeypatch.setattr(lora_fused, "rebuildable_input", lambda x: None)
+        torch.manual_seed(0)
+        layer = LoraLayer(nn.Linear(16, 8).requires_grad_(False))
+        layer.add_adapter("a", r=2, lora_alpha=2, init_lora_weights=False, use_dora=use_dora)
+        layer.active_adapters = ["a"]
+        layer.train()
+        a = torch.randn(3, 16, requires_grad=True)
+        b = torch.randn(3, 16, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(a * b)
+        assert (out.grad_fn.input_structure is not None) == rebuild
+        out.float().square().sum().backward()
+        grads[rebuild] = [a.grad, b.grad, layer.lora_A["a"].weight.grad, layer.lora_B["a"].weight.grad]
+        monkeypatch.undo()
+    for got, expected in zip(grads[True], grads[False], strict=True):
+        assert torch.equal(got, expected)
+
+
+def test_under_saved_tensor_hooks_the_input_is_kept():
+    """Non-reentrant activation checkpointing packs saved tensors with hooks: reading a product's factors there
+    would run its unpack hook (recompute the block in the middle of forward), so the input is kept as before."""
+    layer = LoraLayer(nn.Linear(6, 5).requires_grad_(False))
+    layer.add_adapter("a", r=2, lora_alpha=2, init_lora_weights=False)
+    layer.active_adapters = ["a"]
+    layer.train()
+    a = torch.randn(4, 6, requires_grad=True)
+    b = torch.randn(4, 6, requires_grad=True)
+    assert layer(a * b).grad_fn.input_structure is not None
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        x = a * b
+        assert layer(x).grad_fn.input_structure is None
+    out = torch.utils.checkpoint.checkpoint(lambda t, u: layer(t * u), a, b, use_reentrant=False)
+    out.square().sum().backward()
+    expected = [g.clone() for g in (a.grad, layer.lora_A["a"].weight.grad)]
+    a.grad = None
+    layer.zero_grad()
+    layer(a * b).square().sum().backward()
+    assert torch.equal(a.grad, expected[0]) and torch.equal(layer.lora_A["a"].weight.grad, expected[1])
