@@ -113,44 +113,18 @@ def alternate(steps: dict[str, Any], rounds: int, warmup: int, clock: Any
 
 
 def saved_for_backward_bytes(model: nn.Module, ids: torch.Tensor, bf16: bool = False) -> int:
-    """Bytes autograd keeps from one training forward: every saved tensor's storage once, parameters left out.
-
-    Read from the graph after the forward (each node's ``_saved_*`` tensors, and a custom Function's
-    ``saved_tensors`` and tensors on its ctx, as deltatune's DoRA keeps its output) rather than with saved-tensor
-    hooks, because deltatune's fused LoRA nodes keep the layer input only where no such hooks run (see
-    ``methods/lora_inputs.py``): hooks would measure a different forward than training runs.
-    """
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def count(value: object) -> None:
-        if isinstance(value, (tuple, list)):
-            for item in value:
-                count(item)
-        elif isinstance(value, torch.Tensor):
-            storage = value.untyped_storage()
-            if storage.data_ptr() not in params:
-                storages[storage.data_ptr()] = storage.nbytes()
+    """Bytes autograd keeps from one training forward: every saved tensor's storage once, parameters left out
+    (``deltatune.analysis.saved_tensor_bytes``: read from the graph, not with saved-tensor hooks, which would switch
+    off deltatune's rebuilt inputs and also count graphs PEFT's DoRA drops at once)."""
+    from deltatune.analysis import saved_tensor_bytes
 
     model.train()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         loss = model(input_ids=ids, labels=ids).loss
-    seen, stack = set(), [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        for name in dir(node):
-            if name.startswith("_saved_") and not name.startswith("_saved_tensors_hooks"):
-                count(getattr(node, name))
-        if hasattr(node, "saved_tensors") and hasattr(node, "__dict__"):  # a custom Function's ctx
-            count(node.saved_tensors)
-            count(list(node.__dict__.values()))
-        stack.extend(child for child, _ in node.next_functions)
+    saved = saved_tensor_bytes(loss, exclude=model)
     loss.backward()
     model.zero_grad(set_to_none=True)
-    return sum(storages.values())
+    return saved
 
 
 def memory_child(library: str, args: argparse.Namespace) -> dict[str, float]:

@@ -15,6 +15,7 @@ from deltatune.analysis.memory import (
     LOGITS_COPIES,
     estimate_memory,
     method_config,
+    saved_tensor_bytes,
 )
 from deltatune.cli import main
 
@@ -127,19 +128,9 @@ def test_prompt_tokens_lengthen_the_sequence(tmp_path):
 
 
 def _saved_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
-    """Bytes autograd keeps for backward (distinct storages, parameters excluded)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=ids)
-    return sum(saved.values())
+    """Bytes autograd keeps for backward (distinct storages, parameters excluded), read from the graph: saved-tensor
+    hooks would switch off the LoRA nodes' rebuilt inputs (methods/lora_inputs.py)."""
+    return saved_tensor_bytes(model(input_ids=ids, labels=ids).loss, exclude=model)
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "ia3"])
@@ -224,3 +215,12 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys, argv, text):
     assert main(["estimate", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("deltatune estimate: error:") and text in err and "\n" not in err
+
+
+def test_saved_tensor_bytes_counts_each_storage_once_and_leaves_out_the_model():
+    layer = torch.nn.Linear(8, 8)
+    x = torch.randn(4, 8, requires_grad=True)
+    hidden = torch.tanh(layer(x))  # tanh keeps its output; the Linear keeps x (for the weight) and its weight
+    out = (hidden * hidden).sum()  # mul keeps hidden twice: one storage
+    assert saved_tensor_bytes(out, exclude=layer) == 2 * 4 * 8 * 4  # x and tanh's output, fp32
+    assert saved_tensor_bytes(out) == 2 * 4 * 8 * 4 + 8 * 8 * 4  # and the weight

@@ -10,27 +10,10 @@ from torch import nn
 import deltatune as dt
 import deltatune.methods.lora_fused as lora_fused
 from deltatune.adapter_layer import adapter_layers
+from deltatune.analysis import saved_tensor_bytes
 from deltatune.methods import lora_inputs
 from deltatune.methods.lora import LoraLayer
 from tests.conftest import make_model, model_inputs, perturb
-
-
-def _saved_bytes(loss: torch.Tensor, params: set[int]) -> int:
-    """Bytes of every distinct storage the graph behind ``loss`` keeps (saved tensors and tensors on ctx)."""
-    storages: dict[int, int] = {}
-    seen, stack = set(), [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        values = [getattr(node, name) for name in dir(node) if name.startswith("_saved_")]
-        values += list(getattr(node, "saved_tensors", ()) or ())
-        for value in values:
-            if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() not in params:
-                storages[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
-        stack.extend(child for child, _ in node.next_functions)
-    return sum(storages.values())
 
 
 def _step(use_dora: bool, rebuild: bool, monkeypatch) -> tuple[dict[str, torch.Tensor], int]:
@@ -42,7 +25,7 @@ def _step(use_dora: bool, rebuild: bool, monkeypatch) -> tuple[dict[str, torch.T
     model.train()
     inputs = model_inputs("llama")
     loss = model(**inputs, labels=inputs["input_ids"]).loss
-    saved = _saved_bytes(loss, {p.untyped_storage().data_ptr() for p in model.parameters()})
+    saved = saved_tensor_bytes(loss, exclude=model)
     loss.backward()
     monkeypatch.undo()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, saved

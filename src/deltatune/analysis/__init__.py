@@ -8,7 +8,7 @@ matplotlib is imported only when a plot is drawn.
 from .adapter import LoraFactors, load_lora
 from .intrinsic import Fastfood, IntrinsicModel, IntrinsicResult, find_d90, intrinsic_dimension, train_run
 from .intrinsic_tasks import IntrinsicSettings
-from .memory import MemoryEstimate, estimate_memory
+from .memory import MemoryEstimate, estimate_memory, saved_tensor_bytes
 from .report import intrinsic_report, similarity_report, spectrum_report
 from .similarity import chance_grid, phi_grid, similarity_grids, singular_vectors, subspace_similarity
 from .spectrum import effective_rank, energy_share, spectrum, update_svdvals
@@ -29,6 +29,7 @@ __all__ = [
     "estimate_memory",
     "load_lora",
     "phi_grid",
+    "saved_tensor_bytes",
     "similarity_grids",
     "similarity_report",
     "singular_vectors",

@@ -37,10 +37,11 @@ vocabulary and ``s`` bytes per kept element (4 in float32; ``BF16_ELEMENT_BYTES`
 operands), the query before and after RoPE, key and value (before GQA repetition). ``extra`` is what the
 trainable part adds: a weight that trains keeps its layer's input (full fine-tuning: the q/k/v input, the o
 input, the gate/up input and the down input, ``3h + i`` on Llama; shared inputs counted once), a LoRA target
-keeps its input for ``lora_A`` plus ``r`` values
-(with dropout also its dropped copy and mask), an (IA)^3 vector keeps the tensor it scales, a bottleneck adapter
-its input and its two small hidden tensors. These counts were read off autograd's saved tensors
-(``torch.autograd.graph.saved_tensors_hooks`` on a SmolLM2-shaped model) and agree with them within 8%.
+keeps its input for ``lora_A`` plus ``r`` values (with dropout its dropped copy and mask instead of the input;
+without dropout and checkpointing, q/k/v, gate/up and down_proj in a block with RMSNorm rebuild their input in
+backward instead, ``methods/lora_inputs.py``), an (IA)^3 vector keeps the tensor it scales, a bottleneck adapter
+its input and its two small hidden tensors. These counts were read off autograd's saved tensors (on a
+SmolLM2-shaped model; now :func:`saved_tensor_bytes`) and agree with them within 8%.
 With gradient checkpointing a layer keeps only its input (``h``); backward recomputes one layer at a time, whose
 full ``a`` is alive while it runs. ``2h * s`` is the final norm.
 
@@ -111,6 +112,7 @@ BF16_ELEMENT_BYTES = 2.8
 # cases). Depends on the machine and library versions, not on the model size.
 BASELINE_BYTES = (386 + 49) * 2**20
 # Modules that read the same input tensor, so keeping it for one keeps it for all (counted once).
+REBUILT_INPUTS = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"}
 SHARED_INPUTS = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "gate_proj": "mlp_in",
                  "up_proj": "mlp_in", "w1": "mlp_in", "w3": "mlp_in"}
 
@@ -272,11 +274,14 @@ def _first_layer(model: nn.Module, layers: int) -> nn.Module | None:
     return None
 
 
-def _extra_per_token(model: nn.Module, method: str, layers: int) -> float:
+def _extra_per_token(model: nn.Module, method: str, layers: int, grad_checkpointing: bool = False) -> float:
     """Elements per token one decoder layer keeps beyond the frozen layer's (the ``extra`` of the docstring)."""
     layer = _first_layer(model, layers)
     if layer is None:
         return 0.0
+    # without dropout and checkpointing, a LoRA layer reading an RMSNorm output or the gated MLP's product rebuilds
+    # its input in backward from what the block keeps anyway (methods/lora_inputs.py) instead of keeping it
+    rmsnorm = any(type(m).__name__.endswith("RMSNorm") for m in layer.modules())
     inputs: dict[str, int] = {}
     extra = 0.0
     for name, module in layer.named_modules():
@@ -287,11 +292,13 @@ def _extra_per_token(model: nn.Module, method: str, layers: int) -> float:
         if not hasattr(module, "base_layer"):
             continue
         if method in ("lora", "qlora"):
-            inputs[SHARED_INPUTS.get(short, name)] = in_f
             extra += sum(int(p.shape[0]) for n, p in module.named_parameters() if "lora_A" in n)
             dropouts = [d for d in module.modules() if isinstance(d, nn.Dropout) and d.p > 0]
             if dropouts:  # each module's own dropout: its output (4 bytes) and its mask (in units of 4 bytes)
                 extra += in_f * (1 + mask_bytes_per_element(dropouts[0]) / 4)
+            # with dropout the fused node keeps the dropped copy (counted above) in place of the input
+            if not dropouts and (grad_checkpointing or not (rmsnorm and short in REBUILT_INPUTS)):
+                inputs[SHARED_INPUTS.get(short, name)] = in_f
         elif method == "ia3":
             feedforward = any(getattr(module, "is_feedforward", {}).values())
             extra += in_f if feedforward else out_f
@@ -315,7 +322,7 @@ def _activations(config: Any, model: nn.Module, method: str, peft_config: PeftCo
     s = 4.0 if precision == "fp32" else BF16_ELEMENT_BYTES
     tokens = seq + (peft_config.num_virtual_tokens if method in ("prompt", "ptuning") else 0)
     per_layer = s * (2 * h + (3 if gated else 2) * inner + 2 * heads * head_dim + 2 * kv_heads * head_dim
-                     + _extra_per_token(model, method, layers))
+                     + _extra_per_token(model, method, layers, grad_checkpointing))
     computed = layers * per_layer + 2 * h * s  # what the forward allocates for the layers, kept or not
     kept = (layers * h * s + per_layer + 2 * h * s) if grad_checkpointing else computed
     logits = LOGITS_COPIES * vocab * 4 + (2 * vocab if precision == "bf16" else 0)
@@ -380,3 +387,40 @@ def format_estimate(estimate: MemoryEstimate) -> str:
     share = 100 * estimate.trainable_params / max(estimate.all_params, 1)
     lines.append(f"trainable params: {estimate.trainable_params:,d} of {estimate.all_params:,d} ({share:.4f}%)")
     return "\n".join(lines)
+
+
+def saved_tensor_bytes(output: torch.Tensor, exclude: nn.Module | None = None) -> int:
+    """Bytes autograd keeps for the backward of ``output``: each distinct storage once, ``exclude``'s parameters and
+    buffers left out. Call it after the forward, before ``backward()``.
+
+    Measured, where :func:`estimate_memory` predicts. Read from the graph (every node's ``_saved_*`` tensors, a
+    custom Function's ``saved_tensors`` and the tensors on its ctx) rather than with saved-tensor hooks, which change
+    what is kept (deltatune's fused LoRA nodes keep their input instead of rebuilding it under such hooks) and also
+    see tensors saved by graphs that are dropped at once.
+    """
+    skip = set() if exclude is None else {t.untyped_storage().data_ptr()
+                                          for t in [*exclude.parameters(), *exclude.buffers()]}
+    storages: dict[int, int] = {}
+
+    def count(value: object) -> None:
+        if isinstance(value, (tuple, list)):
+            for item in value:
+                count(item)
+        elif isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() not in skip:
+            storages[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
+
+    seen: set[int] = set()
+    stack = [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        for name in dir(node):
+            if name.startswith("_saved_"):
+                count(getattr(node, name))
+        if hasattr(node, "saved_tensors") and hasattr(node, "__dict__"):  # a custom autograd Function's ctx
+            count(node.saved_tensors)
+            count(list(node.__dict__.values()))
+        stack.extend(child for child, _ in node.next_functions)
+    return sum(storages.values())
