@@ -111,8 +111,9 @@ BF16_ELEMENT_BYTES = 2.8
 # fine-tuning, -209..250, and QLoRA with checkpointing at 512 tokens, 189; prefix tuning has no checkpointing
 # cases). Depends on the machine and library versions, not on the model size.
 BASELINE_BYTES = (386 + 49) * 2**20
-# Modules that read the same input tensor, so keeping it for one keeps it for all (counted once).
+# LoRA targets whose input (an RMSNorm output, the gated MLP's product) the fused node rebuilds in backward.
 REBUILT_INPUTS = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"}
+# Modules that read the same input tensor, so keeping it for one keeps it for all (counted once).
 SHARED_INPUTS = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "gate_proj": "mlp_in",
                  "up_proj": "mlp_in", "w1": "mlp_in", "w3": "mlp_in"}
 

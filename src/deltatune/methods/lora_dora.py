@@ -236,7 +236,7 @@ class FusedDoraLinear(torch.autograd.Function):
     comes from ``W A^T`` (:func:`linear_weight_norm`), the LoRA product is added inside the base GEMM (``addmm_``),
     and y is scaled in place. Besides what LoRA keeps, backward needs only ``u`` or, where ``y = f * u`` (no dropout,
     no bias, f away from 0), ``y`` itself, which the next op often keeps anyway (an MLP's activation): on the DoRA
-    benchmark this took the bytes saved for backward from 389 to 317 MiB (PEFT: 559). A caller's in-place op on
+    benchmark this took the bytes kept for backward from 389 to 317 MiB. A caller's in-place op on
     ``y`` is seen by its version counter, and ``u`` is then computed again. A quantized base is dequantized once per
     direction, for the norm and the product together.
     """
