@@ -97,7 +97,9 @@ def rebuildable_input(x: torch.Tensor) -> tuple[tuple, list[torch.Tensor]] | Non
     if matched is None:
         with torch.no_grad():
             again = replay(structure, leaves)
-        matched = again.dtype == x.dtype and again.shape == x.shape and bool(torch.equal(again, x))
+        # bit for bit (a NaN in the first batch must not switch the rebuild off for good)
+        matched = again.dtype == x.dtype and again.shape == x.shape and torch.allclose(again, x, rtol=0.0, atol=0.0,
+                                                                                       equal_nan=True)
         if len(_CHECKED) > 4096:
             _CHECKED.clear()
         _CHECKED[signature] = matched
