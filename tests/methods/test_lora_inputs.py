@@ -150,3 +150,51 @@ def test_under_saved_tensor_hooks_the_input_is_kept():
     layer.zero_grad()
     layer(a * b).square().sum().backward()
     assert torch.equal(a.grad, expected[0]) and torch.equal(layer.lora_A["a"].weight.grad, expected[1])
+
+
+def test_an_input_changed_in_place_after_the_product_is_kept(monkeypatch):
+    """A hook that edits the input under no_grad (clamping, steering) leaves its grad_fn the product's: the version
+    counter tells, and the input itself is kept, so A's gradient sees the edited values."""
+    grads = {}
+    for rebuild in (True, False):
+        if not rebuild:
+            monkeypatch.setattr(lora_fused, "rebuildable_input", lambda x: None)
+        torch.manual_seed(0)
+        layer = LoraLayer(nn.Linear(6, 5).requires_grad_(False))
+        layer.add_adapter("a", r=2, lora_alpha=2, init_lora_weights=False)
+        layer.active_adapters = ["a"]
+        layer.train()
+        a = torch.randn(4, 6, requires_grad=True)
+        b = torch.randn(4, 6, requires_grad=True)
+        for _ in range(2):  # the second time, the product's signature has been checked already
+            x = a * b
+            with torch.no_grad():
+                x.clamp_(-0.2, 0.2)
+            out = layer(x)
+            assert out.grad_fn.input_structure is None
+        out.square().sum().backward()
+        grads[rebuild] = layer.lora_A["a"].weight.grad.clone()
+        monkeypatch.undo()
+    assert torch.equal(grads[True], grads[False])
+
+
+def test_dora_keeps_u_not_its_output_under_saved_tensor_hooks():
+    """Under activation checkpointing or save_on_cpu what backward needs must go through the hooks: DoRA then keeps u
+    through save_for_backward instead of its output on ctx."""
+    layer = LoraLayer(nn.Linear(6, 5, bias=False).requires_grad_(False))
+    layer.add_adapter("a", r=2, lora_alpha=2, init_lora_weights=False, use_dora=True)
+    layer.active_adapters = ["a"]
+    layer.train()
+    x = torch.randn(4, 6, requires_grad=True)
+    assert layer(x).grad_fn.output is not None
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t.shape) or t, lambda t: t):
+        out = layer(x)
+    assert out.grad_fn.output is None and torch.Size([4, 5]) in packed
+    out.square().sum().backward()
+    expected = [t.grad.clone() for t in (x, layer.lora_magnitude_vector["a"].weight)]
+    x.grad = None
+    layer.zero_grad()
+    layer(x).square().sum().backward()
+    assert torch.allclose(x.grad, expected[0], atol=1e-6)
+    assert torch.allclose(layer.lora_magnitude_vector["a"].weight.grad, expected[1], atol=1e-6)

@@ -34,6 +34,7 @@ from .lora_fused import (
     low_rank_then_base,
     unflattened_empty,
 )
+from .lora_inputs import saved_tensor_hooks_active
 
 if TYPE_CHECKING:
     from .lora import LoraLayer
@@ -248,8 +249,8 @@ class FusedDoraLinear(torch.autograd.Function):
         weight, state = _frozen_weight_and_state(base, dtype)
         # (out,) fp32; from a float base's own weight, not its copy in the products' dtype (bf16 under autocast)
         norm = linear_weight_norm(base.weight if isinstance(base, nn.Linear) else weight, lora_a, lora_b, scaling)
-        m_dtype, magnitude = magnitude.dtype, magnitude.detach().to(norm.dtype)
-        scale32 = magnitude / norm
+        m_dtype = magnitude.dtype
+        scale32 = magnitude.detach().to(norm.dtype) / norm
         scale = scale32.to(dtype)
         flat_x = x.reshape(-1, x.shape[-1]).to(dtype)
         lora_in = flat_x if x_lora is None else x_lora.reshape(-1, x_lora.shape[-1]).to(dtype)
@@ -259,9 +260,12 @@ class FusedDoraLinear(torch.autograd.Function):
         result, u = unflattened_empty(x, weight.shape[0], dtype)  # u: the flat view the products write into
         low_rank_then_base(after_a_t, lora_b, scaling, lora_in, weight, None, out=u)
         # no dropout, no bias, f far from 0 and a dtype wide enough that f * u keeps u's digits: y = f * u, so u need
-        # not be kept: m's gradient is sum(dy * y) / m
+        # not be kept: m's gradient is sum(dy * y) / (f ||W + s B A||), with f as applied (rounded to bf16 under
+        # autocast)
         ctx.output = None
-        if x_lora is None and bias is None and dtype != torch.float16 and bool((scale32.abs() > 1e-15).all()):
+        # (not under saved-tensor hooks: activation checkpointing or save_on_cpu must see all that backward needs)
+        if (x_lora is None and bias is None and dtype != torch.float16 and not saved_tensor_hooks_active()
+                and bool((scale32.abs() > 1e-15).all())):
             out = result.mul_(scale)
             # detached: shares y's storage and version counter without a reference back to this node (save_for_backward
             # would make a caller's in-place op on y, e.g. ReLU(inplace=True), fail the backward; here it is seen and
@@ -274,14 +278,14 @@ class FusedDoraLinear(torch.autograd.Function):
             out = F.linear((flat_x - lora_in).view(*x.shape[:-1], -1), weight, bias)
             out.addcmul_(result, scale)
         ctx.input_structure, kept = keep_input(x, lora_in, x_lora)
-        ctx.save_for_backward(lora_a, lora_b, after_a_t, u, scale, norm, magnitude, *kept)
+        ctx.save_for_backward(lora_a, lora_b, after_a_t, u, scale, norm, *kept)
         ctx.base, ctx.state, ctx.scaling, ctx.separate_lora_input = base, state, scaling, x_lora is not None
         ctx.input_dtypes = (x.dtype, None if x_lora is None else x_lora.dtype, m_dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
-        lora_a, lora_b, after_a_t, u, scale, norm, magnitude, *kept = ctx.saved_tensors
+        lora_a, lora_b, after_a_t, u, scale, norm, *kept = ctx.saved_tensors
         needs_x, needs_x_lora, needs_a, needs_b, needs_m = ctx.needs_input_grad[:5]
         x_dtype, x_lora_dtype, m_dtype = ctx.input_dtypes
         dtype, scaling = lora_a.dtype, ctx.scaling
@@ -290,9 +294,9 @@ class FusedDoraLinear(torch.autograd.Function):
         weight = None
         output, ctx.output = ctx.output, None  # released here, not when the graph's last node goes
         source = divisor = None
-        if needs_m:  # m's gradient: sum over tokens of dy * y / m, or of dy * u / ||W + s B A||
+        if needs_m:  # m's gradient: sum over tokens of dy * u / ||W + s B A||, with u = y / f where y was kept
             if output is not None and output._version == ctx.output_version:
-                source, divisor = output.view(flat_grad.shape), magnitude
+                source, divisor = output.view(flat_grad.shape), scale.to(norm.dtype) * norm
             else:
                 if u is None:  # y was changed in place after forward (or this is a second backward): u again
                     weight = _frozen_weight(ctx.base, dtype, ctx.state)

@@ -10,9 +10,10 @@ them again in backward: a few elementwise products, bit for bit the same ``x``.
 
 Only chains of ``torch.mul`` are rebuilt (read from ``x.grad_fn``: ``MulBackward0`` and what it saved, see
 PyTorch's "saved tensors" notes); anything else, a chain whose replay has not matched ``x`` exactly the first
-time its shape was seen, or a forward under saved-tensor hooks (activation checkpointing, ``save_on_cpu``) or
-``torch.compile``, keeps ``x`` as before. The factors are kept through ``save_for_backward``, so an in-place
-change to one of them is an error in backward, as it would be in the multiplication's own backward.
+time its shape was seen, an ``x`` changed in place since it was made, or a forward under saved-tensor hooks
+(activation checkpointing, ``save_on_cpu``) or ``torch.compile``, keeps ``x`` as before. The factors are kept
+through ``save_for_backward``, so an in-place change to one of them is an error in backward, as it would be in the
+multiplication's own backward.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ _MAX_DEPTH = 3  # RMSNorm's output is two multiplications deep
 _CHECKED: dict[tuple, bool] = {}  # a chain's signature -> whether its replay matched x exactly the first time
 
 
-def _saved_tensor_hooks_active() -> bool:
+def saved_tensor_hooks_active() -> bool:
     """Whether saved tensors are being packed by hooks here (non-reentrant activation checkpointing, ``save_on_cpu``):
     reading a node's saved tensors would then run the unpack hook (for checkpointing: recompute the block in
     forward), and what is kept is the hooks' business. PyTorch has no public query for it; where the private one is
@@ -84,7 +85,8 @@ def replay(structure: tuple, leaves: tuple[torch.Tensor, ...] | list[torch.Tenso
 
 def rebuildable_input(x: torch.Tensor) -> tuple[tuple, list[torch.Tensor]] | None:
     """(structure, factors) to rebuild ``x`` with :func:`replay` in backward, or None to keep ``x`` itself."""
-    if x.grad_fn is None or torch.compiler.is_compiling() or _saved_tensor_hooks_active():
+    # version 0: x is as the multiplication wrote it (an in-place edit, even under no_grad, leaves grad_fn as it was)
+    if x.grad_fn is None or x._version != 0 or torch.compiler.is_compiling() or saved_tensor_hooks_active():
         return None
     chain = _chain(x.grad_fn, 0)
     if chain is None:
