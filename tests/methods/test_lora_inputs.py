@@ -16,6 +16,14 @@ from deltatune.methods.lora import LoraLayer
 from tests.conftest import make_model, model_inputs, perturb
 
 
+def _training_layer(in_features: int, out_features: int, bias: bool = True, use_dora: bool = False) -> LoraLayer:
+    """A frozen nn.Linear with one active rank-2 adapter "a" (B random), in training mode: the fused path."""
+    layer = LoraLayer(nn.Linear(in_features, out_features, bias=bias).requires_grad_(False))
+    layer.add_adapter("a", r=2, lora_alpha=2, init_lora_weights=False, use_dora=use_dora)
+    layer.active_adapters = ["a"]
+    return layer.train()
+
+
 def _step(use_dora: bool, rebuild: bool, monkeypatch) -> tuple[dict[str, torch.Tensor], int]:
     if not rebuild:
         monkeypatch.setattr(lora_fused, "rebuildable_input", lambda x: None)
@@ -93,10 +101,7 @@ def test_a_chain_whose_replay_does_not_match_is_kept(monkeypatch):
 
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_a_factor_changed_in_place_after_forward_is_an_error_not_a_wrong_gradient(use_dora):
-    layer = LoraLayer(nn.Linear(6, 5, bias=False).requires_grad_(False))
-    layer.add_adapter("a", r=2, lora_alpha=2, init_lora_weights=False, use_dora=use_dora)
-    layer.active_adapters = ["a"]
-    layer.train()
+    layer = _training_layer(6, 5, bias=False, use_dora=use_dora)
     a = torch.randn(4, 6, requires_grad=True)
     b = torch.randn(4, 6, requires_grad=True)
     out = layer(a * b)
@@ -114,10 +119,7 @@ def test_rebuilt_input_under_bf16_autocast_matches_the_kept_one(use_dora, monkey
         if not rebuild:
             monkeypatch.setattr(lora_fused, "rebuildable_input", lambda x: None)
         torch.manual_seed(0)
-        layer = LoraLayer(nn.Linear(16, 8).requires_grad_(False))
-        layer.add_adapter("a", r=2, lora_alpha=2, init_lora_weights=False, use_dora=use_dora)
-        layer.active_adapters = ["a"]
-        layer.train()
+        layer = _training_layer(16, 8, use_dora=use_dora)
         a = torch.randn(3, 16, requires_grad=True)
         b = torch.randn(3, 16, requires_grad=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -133,10 +135,7 @@ def test_rebuilt_input_under_bf16_autocast_matches_the_kept_one(use_dora, monkey
 def test_under_saved_tensor_hooks_the_input_is_kept():
     """Non-reentrant activation checkpointing packs saved tensors with hooks: reading a product's factors there
     would run its unpack hook (recompute the block in the middle of forward), so the input is kept as before."""
-    layer = LoraLayer(nn.Linear(6, 5).requires_grad_(False))
-    layer.add_adapter("a", r=2, lora_alpha=2, init_lora_weights=False)
-    layer.active_adapters = ["a"]
-    layer.train()
+    layer = _training_layer(6, 5)
     a = torch.randn(4, 6, requires_grad=True)
     b = torch.randn(4, 6, requires_grad=True)
     assert layer(a * b).grad_fn.input_structure is not None
@@ -160,10 +159,7 @@ def test_an_input_changed_in_place_after_the_product_is_kept(monkeypatch):
         if not rebuild:
             monkeypatch.setattr(lora_fused, "rebuildable_input", lambda x: None)
         torch.manual_seed(0)
-        layer = LoraLayer(nn.Linear(6, 5).requires_grad_(False))
-        layer.add_adapter("a", r=2, lora_alpha=2, init_lora_weights=False)
-        layer.active_adapters = ["a"]
-        layer.train()
+        layer = _training_layer(6, 5)
         a = torch.randn(4, 6, requires_grad=True)
         b = torch.randn(4, 6, requires_grad=True)
         for _ in range(2):  # the second time, the product's signature has been checked already
@@ -181,10 +177,7 @@ def test_an_input_changed_in_place_after_the_product_is_kept(monkeypatch):
 def test_dora_keeps_u_not_its_output_under_saved_tensor_hooks():
     """Under activation checkpointing or save_on_cpu what backward needs must go through the hooks: DoRA then keeps u
     through save_for_backward instead of its output on ctx."""
-    layer = LoraLayer(nn.Linear(6, 5, bias=False).requires_grad_(False))
-    layer.add_adapter("a", r=2, lora_alpha=2, init_lora_weights=False, use_dora=True)
-    layer.active_adapters = ["a"]
-    layer.train()
+    layer = _training_layer(6, 5, bias=False, use_dora=True)
     x = torch.randn(4, 6, requires_grad=True)
     assert layer(x).grad_fn.output is not None
     packed = []
