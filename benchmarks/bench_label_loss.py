@@ -51,6 +51,7 @@ def saved_bytes(args: argparse.Namespace) -> dict:
     import torch
 
     from deltatune import LoraConfig, causal_lm_loss, get_peft_model
+    from deltatune.analysis import saved_tensor_bytes
     from deltatune.formats.models import load_model, resolve_model
     from deltatune.loss import backbone_and_head
     from deltatune.train import data as datamod
@@ -62,29 +63,21 @@ def saved_bytes(args: argparse.Namespace) -> dict:
     rows, _ = builtin_splits(args.batch, 1, 0)
     examples = datamod.to_examples(rows[:args.batch], "chat", tokenizer, "built-in")
     batch = collate(datamod.tokenize(examples, tokenizer, 512, "built-in").rows, tokenizer.pad_token_id)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     backbone, head = backbone_and_head(model)
 
     def measure_one(label_loss: bool) -> int:
-        storages: dict[int, int] = {}
-
-        def pack(tensor: torch.Tensor) -> torch.Tensor:
-            if tensor.untyped_storage().data_ptr() not in params:
-                storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-            return tensor
-
         model.train()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-                torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16):
             if label_loss:
                 inputs = {k: v for k, v in batch.items() if k != "labels"}
                 hidden = backbone(**inputs, use_cache=False).last_hidden_state
                 loss = causal_lm_loss(hidden, head, batch["labels"])
             else:
                 loss = model(**batch).loss
+        saved = saved_tensor_bytes(loss, exclude=model)  # read from the graph (see deltatune.analysis)
         loss.backward()
         model.zero_grad(set_to_none=True)
-        return sum(storages.values())
+        return saved
 
     tokens = int(batch["attention_mask"].sum())
     labelled = int((batch["labels"][:, 1:] != -100).sum())

@@ -275,7 +275,7 @@ def _first_layer(model: nn.Module, layers: int) -> nn.Module | None:
     return None
 
 
-def _extra_per_token(model: nn.Module, method: str, layers: int, grad_checkpointing: bool = False) -> float:
+def _extra_per_token(model: nn.Module, method: str, layers: int, grad_checkpointing: bool) -> float:
     """Elements per token one decoder layer keeps beyond the frozen layer's (the ``extra`` of the docstring)."""
     layer = _first_layer(model, layers)
     if layer is None:

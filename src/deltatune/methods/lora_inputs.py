@@ -38,9 +38,9 @@ def saved_tensor_hooks_active() -> bool:
         return query() is not None
 
 
-def _chain(node: object, depth: int) -> tuple | None:
-    """The multiplication chain that produced a tensor with grad_fn ``node``: a nested (left, right) tuple whose
-    leaves are index placeholders for tensors collected in order, or None."""
+def _chain(node: object, depth: int, leaves: list[torch.Tensor]) -> tuple | None:
+    """The multiplication chain that produced a tensor with grad_fn ``node``, as a nested (left, right) tuple of
+    indices into ``leaves`` (the saved factors, appended here in order), or None."""
     if node is None or depth > _MAX_DEPTH or type(node).__name__ != "MulBackward0":
         return None
     parts = []
@@ -50,31 +50,14 @@ def _chain(node: object, depth: int) -> tuple | None:
         except RuntimeError:  # freed by a backward that already ran through this product
             return None
         if isinstance(saved, torch.Tensor):
-            parts.append(saved)
+            leaves.append(saved)
+            parts.append(len(leaves) - 1)
             continue
-        inner = _chain(child, depth + 1)
+        inner = _chain(child, depth + 1, leaves)
         if inner is None:
             return None
         parts.append(inner)
     return tuple(parts)
-
-
-def _leaves(chain: tuple) -> list[torch.Tensor]:
-    out: list[torch.Tensor] = []
-    for part in chain:
-        out.extend([part] if isinstance(part, torch.Tensor) else _leaves(part))
-    return out
-
-
-def _shape_of(chain: tuple, leaves: list[torch.Tensor]) -> tuple:
-    """The chain with each leaf replaced by its index in ``leaves``: what ``replay`` needs besides the tensors."""
-    out = []
-    for part in chain:
-        if isinstance(part, torch.Tensor):
-            out.append(next(i for i, leaf in enumerate(leaves) if leaf is part))
-        else:
-            out.append(_shape_of(part, leaves))
-    return tuple(out)
 
 
 def replay(structure: tuple, leaves: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
@@ -88,11 +71,10 @@ def rebuildable_input(x: torch.Tensor) -> tuple[tuple, list[torch.Tensor]] | Non
     # version 0: x is as the multiplication wrote it (an in-place edit, even under no_grad, leaves grad_fn as it was)
     if x.grad_fn is None or x._version != 0 or torch.compiler.is_compiling() or saved_tensor_hooks_active():
         return None
-    chain = _chain(x.grad_fn, 0)
-    if chain is None:
+    leaves: list[torch.Tensor] = []
+    structure = _chain(x.grad_fn, 0, leaves)
+    if structure is None:
         return None
-    leaves = _leaves(chain)
-    structure = _shape_of(chain, leaves)
     signature = (structure, tuple((t.shape, t.stride(), t.dtype, t.device) for t in leaves),
                  (x.shape, x.stride(), x.dtype))
     matched = _CHECKED.get(signature)
