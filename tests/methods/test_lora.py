@@ -355,6 +355,21 @@ def test_inference_short_path_steps_aside_when_the_general_path_differs():
     dora = _layer(nn.Linear(70, 24), use_dora=True).eval()
     assert not taken(dora)
     assert taken(layer.eval())
+    # a parametrized weight or bias (torch.nn.utils.parametrize) is computed on access, not stored: whichever path
+    # runs must use the computed one
+    from torch.nn.utils import parametrize
+
+    class Doubled(nn.Module):
+        def forward(self, weight: torch.Tensor) -> torch.Tensor:
+            return 2 * weight
+
+    for tensor_name in ("weight", "bias", "lora_A"):
+        layer = _layer(nn.Linear(70, 24)).eval()
+        owner = layer.lora_A["a"] if tensor_name == "lora_A" else layer.base_layer
+        parametrize.register_parametrization(owner, "weight" if tensor_name == "lora_A" else tensor_name, Doubled())
+        with torch.no_grad():  # the modules themselves apply the parametrization
+            expected = layer.base_layer(x) + layer.scaling["a"] * layer.lora_B["a"](layer.lora_A["a"](x))
+            assert torch.allclose(layer(x), expected, atol=1e-5), tensor_name
 
 
 # ---- grouped convolutions (PEFT's shapes: A ungrouped into r channels, B a 1x1 convolution with the base's groups) --

@@ -437,7 +437,7 @@ class LoraLayer(WeightedLayer):
         if not (x.dtype == weight.dtype == down.dtype == up.dtype) or x.dim() < 2 \
                 or torch.is_autocast_enabled(x.device.type):
             return None
-        if not (runs_plain(base) and runs_plain(lora_a) and runs_plain(lora_b) and runs_plain(dropout)):
+        if not runs_plain(base, lora_a, lora_b, dropout):
             return None
         flat = x.reshape(-1, x.shape[-1])
         out = low_rank_then_base(down @ flat.t(), up, self.scaling[name], flat, weight, base.bias)
@@ -470,7 +470,7 @@ class LoraLayer(WeightedLayer):
         # the base's own weight and bias (a quantized weight is buffers in a submodule, never trainable)
         if any(p is not None and p.requires_grad for p in base._parameters.values()):
             return None
-        if not (runs_plain(base) and runs_plain(lora_a) and runs_plain(lora_b)):
+        if not runs_plain(base, lora_a, lora_b):
             return None
         return name, dtype
 

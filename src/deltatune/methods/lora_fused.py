@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _torch_module
 
 from .lora_inputs import rebuildable_input, replay
 
@@ -28,14 +29,19 @@ def _frozen_weight(base: nn.Module, dtype: torch.dtype, state: torch.Tensor | No
     return base.transient_weight(dtype, state)
 
 
-def runs_plain(module: nn.Module) -> bool:
-    """No hook and no replaced ``forward`` on ``module`` (nor global module hooks): calling around it changes nothing.
+def runs_plain(*modules: nn.Module) -> bool:
+    """No hook and no replaced ``forward`` on any of ``modules`` (nor global module hooks): calling around them
+    changes nothing.
 
     accelerate's offloading, for one, swaps a module's ``forward`` to bring its weights in; the fused path must
     then not read the weights behind its back.
     """
-    return not (module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__
-                or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+    if _torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks:
+        return False
+    for module in modules:
+        if module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__:
+            return False
+    return True
 
 
 def low_rank_then_base(after_a_t: torch.Tensor, lora_b: torch.Tensor, scaling: float, x: torch.Tensor,
