@@ -44,7 +44,7 @@ from .lora_config import (  # noqa: F401 - re-exported: LoRA's config is part of
     LoraRuntimeConfig,
     default_target_modules,
 )
-from .lora_fused import FusedLoraLinear, low_rank_then_base, runs_plain
+from .lora_fused import FusedLoraLinear, runs_plain
 from .options import CliOption, MethodCli
 
 
@@ -413,15 +413,16 @@ class LoraLayer(WeightedLayer):
         return result
 
     def _inference_call(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The common inference case in three matmuls (``low_rank_then_base``), or None for the general path.
+        """The common inference case in three matmuls, or None for the general path.
 
         Why: decoding one token per row is bound by per-module overhead, not by the matmuls; the general path pays
-        for two submodule calls, a dropout call, a base output to add the update to and the dispatch between LoRA,
-        DoRA and mixed batches. Here ``A x`` and its product with ``scaling * B`` come first and the base GEMM adds
-        into that: measured per layer (SmolLM2 shapes, 2 threads) it costs 3-30 us over the bare GEMM when decoding
-        4 rows and 0.1-0.3 ms at 512 tokens, against 50-170 us and 0.1-1.2 ms for the same with ``[W; A]`` stacked
-        into one GEMM. Taken for a no-grad call in eval mode (so dropout is off) of a plain nn.Linear base with one
-        active, unmerged, non-DoRA adapter, all in the input's dtype outside autocast, and no hook anywhere.
+        for two submodule calls, a dropout call, a separate scaling and the dispatch between LoRA, DoRA and mixed
+        batches. Here the base GEMM runs as ``F.linear`` does and ``scaling * (A x) B^T`` is added into its output by
+        one ``addmm_``. The order differs from training's (``low_rank_then_base``, the base GEMM adding into the
+        rank-r product): at a few rows a GEMM accumulating into an existing output is the slower kernel here (4 rows,
+        576 -> 1536: +64 us over the bare GEMM that way, +21 us this way). Taken for a no-grad call in eval mode (so
+        dropout is off) of a plain nn.Linear base with one active, unmerged, non-DoRA adapter, all in the input's
+        dtype outside autocast, and no hook anywhere.
         """
         if (self.training or not self._plain_linear or self.disabled or self.batch_adapter_names is not None
                 or self.merged_adapters or len(self.active_adapters) != 1):
@@ -440,7 +441,7 @@ class LoraLayer(WeightedLayer):
         if not runs_plain(base, lora_a, lora_b, dropout):
             return None
         flat = x.reshape(-1, x.shape[-1])
-        out = low_rank_then_base(down @ flat.t(), up, self.scaling[name], flat, weight, base.bias)
+        out = F.linear(flat, weight, base.bias).addmm_(F.linear(flat, down), up.t(), alpha=self.scaling[name])
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def _fused_call(self, x: torch.Tensor) -> tuple[str, torch.dtype] | None:
