@@ -419,10 +419,10 @@ class LoraLayer(WeightedLayer):
         for two submodule calls, a dropout call, a separate scaling and the dispatch between LoRA, DoRA and mixed
         batches. Here the base GEMM runs as ``F.linear`` does and ``scaling * (A x) B^T`` is added into its output by
         one ``addmm_``. The order differs from training's (``low_rank_then_base``, the base GEMM adding into the
-        rank-r product): at a few rows a GEMM accumulating into an existing output is the slower kernel here (4 rows,
-        576 -> 1536: +64 us over the bare GEMM that way, +21 us this way). Taken for a no-grad call in eval mode (so
-        dropout is off) of a plain nn.Linear base with one active, unmerged, non-DoRA adapter, all in the input's
-        dtype outside autocast, and no hook anywhere.
+        rank-r product): at a few rows MKL is slower both when the base GEMM accumulates into an existing output and
+        with ``A x`` as (r, tokens) (4 rows, 576 -> 1536: +64 us over the bare GEMM that way, +21 us this way; equal at
+        512 tokens). Taken for a no-grad call in eval mode (so dropout is off) of a plain nn.Linear base with one
+        active, unmerged, non-DoRA adapter, all in the input's dtype outside autocast, and no hook anywhere.
         """
         if (self.training or not self._plain_linear or self.disabled or self.batch_adapter_names is not None
                 or self.merged_adapters or len(self.active_adapters) != 1):
