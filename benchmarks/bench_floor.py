@@ -7,7 +7,9 @@ the same rotation, the order flipping every round as in ``bench_lora_step.py``:
 
 * ``step all-linear`` / ``step q,v``: a LoRA training step (forward with labels, backward, AdamW step,
   zero_grad) over the floor's forward + backward. Five contenders in one rotation: floor, deltatune and
-  PEFT on all linear layers, deltatune and PEFT on q_proj + v_proj.
+  PEFT on all linear layers, deltatune and PEFT on q_proj + v_proj. ``--aa`` adds a sixth, an identical copy
+  of deltatune's all-linear model, and reports it against the original: on a noisy machine that ratio, which
+  should be 1, shows how much of a difference one run can resolve.
 * ``prefill``: an unmerged, all-linear adapter's ``no_grad`` forward over the bare base model's, batch 4 x 128.
 * ``decode``: one new token for each of 4 rows with a 128-token KV cache, unmerged adapter over the bare
   base model (the cache is cropped back to 128 after every call, so every call does the same work).
@@ -126,6 +128,8 @@ def step_rows(base: nn.Module, ids: torch.Tensor, args: argparse.Namespace) -> d
     for key in ("all-linear", "qv"):
         for lib, model in synced_pair(base, TARGETS[key]).items():
             models[f"{lib} {key}"] = model
+    if args.aa:  # a second deltatune all-linear model, identical to the first: what one run can tell apart
+        models["deltatune all-linear copy"] = copy.deepcopy(models["deltatune all-linear"])
     steps = {"floor": floor_step(models["floor"], ids, args.bf16)}
     for name, model in models.items():
         model.train()
@@ -138,6 +142,9 @@ def step_rows(base: nn.Module, ids: torch.Tensor, args: argparse.Namespace) -> d
         out[label] = {lib: asdict(Comparison(f"{lib} {key}", "floor", ms[f"{lib} {key}"], ms["floor"]))
                       for lib in ("deltatune", "peft")}
         out[label]["max_loss_diff"] = max_diff(results, f"deltatune {key}", f"peft {key}")
+    if args.aa:
+        out["a/a"] = asdict(Comparison("deltatune all-linear copy", "deltatune all-linear",
+                                       ms["deltatune all-linear copy"], ms["deltatune all-linear"]))
     return out
 
 
@@ -273,6 +280,9 @@ def report(payload: dict[str, Any]) -> None:
             print(f"{label:<28} {cell(r['deltatune']):>22} {cell(r['peft']):>22} {TARGET_RATIOS[label]:>7.2f}  "
                   f"{r['deltatune']['median_b_ms']:.1f} (deltatune {r['deltatune']['median_a_ms']:.1f}, "
                   f"PEFT {r['peft']['median_a_ms']:.1f})")
+    if "a/a" in res:
+        print(f"{'  a/a: identical copy / it':<28} {cell(res['a/a']):>22} {'':>22} {'':>7}  "
+              f"{res['a/a']['median_a_ms']:.1f} vs {res['a/a']['median_b_ms']:.1f} (1.000 but for noise)")
     if "memory" in res:
         m = res["memory"]
         d, p = m["deltatune / floor"], m["peft / floor"]
@@ -309,6 +319,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq", type=int, default=None, help="default 128 (16 quick)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16", action="store_true", help="training forwards under CPU bf16 autocast")
+    parser.add_argument("--aa", action="store_true",
+                        help="step rows: add an identical copy of deltatune's all-linear model to the rotation and "
+                             "report it against the original (an A/A test: how far apart one run puts equal code)")
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--quick", action="store_true", help="tiny Llama and batch: a smoke run")
     parser.add_argument("--memory-child", choices=("floor", "deltatune", "peft"), help=argparse.SUPPRESS)
