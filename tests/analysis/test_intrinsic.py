@@ -166,8 +166,10 @@ def test_peak_memory_of_training_does_not_grow_with_d():
     assert max(peaks["10"] + peaks["10000"]) < 64 * num_params
     # d x D grew 1000 times; the peaks differ by at most a few floats per weight (the allocator reuses freed
     # memory, so a run's peak above its start is noisy by a few MB either way: compare each d's lower peak, which
-    # a growth with d would raise as much as the higher one)
-    assert abs(min(peaks["10000"]) - min(peaks["10"])) < 32 * num_params
+    # a growth with d would raise as much as the higher one). Measured lower peaks here: 0-0.01 MB at d = 10 and
+    # 3.3-8.9 MB at d = 10^4 over five fresh processes, so the bound is 48 floats per weight (12.6 MB); a dense
+    # P at d = 10^4 would add 10 GB
+    assert abs(min(peaks["10000"]) - min(peaks["10"])) < 48 * num_params
 
 
 def test_zero_theta_gives_the_original_model_exactly():

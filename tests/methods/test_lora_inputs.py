@@ -70,14 +70,89 @@ def test_which_llama_inputs_are_rebuilt():
                           "up_proj": True, "down_proj": True}
 
 
+def _spy_on_rebuilds(monkeypatch) -> list[tuple[int, torch.Tensor]]:
+    """Every input a fused node's backward takes, with the identity of the RebuiltInput it came from."""
+    taken = []
+    real_take = lora_inputs.RebuiltInput.take
+
+    def take(self, leaves, features, dtype):
+        value = real_take(self, leaves, features, dtype)
+        taken.append((id(self), value, self))
+        return value
+
+    monkeypatch.setattr(lora_inputs.RebuiltInput, "take", take)
+    return taken
+
+
+def test_layers_reading_one_input_share_one_rebuild(monkeypatch):
+    """q/k/v read one RMSNorm output and gate/up another: each is rebuilt once in backward, handed to the other
+    readers, and let go by the last one."""
+    taken = _spy_on_rebuilds(monkeypatch)
+    model = dt.get_peft_model(make_model("llama"), dt.LoraConfig(target_modules="all-linear", r=4))
+    perturb(model)
+    model.train()
+    inputs = model_inputs("llama")
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    by_source: dict[int, list] = {}
+    for source, value, handle in taken:
+        by_source.setdefault(source, []).append((value, handle))
+    # block 0: gate/up, down_proj; block 1: q/k/v, gate/up, down_proj (block 0's q/k/v read the embeddings)
+    assert sorted(len(v) for v in by_source.values()) == [1, 1, 2, 2, 3]
+    for values in by_source.values():
+        assert all(value is values[0][0] for value, _ in values)  # the same tensor, not rebuilt again
+        assert values[0][1]._value is None and values[0][1].readers == 0
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_shared_rebuilds_with_a_frozen_reader_and_a_retained_graph(use_dora, monkeypatch):
+    """A reader whose A is frozen skips the input and still lets it go; a second backward over a retained graph
+    rebuilds it (DoRA: also to recompute u) and gives the same gradients."""
+    taken = _spy_on_rebuilds(monkeypatch)
+    model = dt.get_peft_model(make_model("llama"), dt.LoraConfig(target_modules="all-linear", r=4,
+                                                                  use_dora=use_dora))
+    perturb(model)
+    model.train()
+    for name, param in model.named_parameters():
+        if "k_proj.lora_A" in name or "up_proj.lora_A" in name:
+            param.requires_grad_(False)
+    inputs = model_inputs("llama")
+    loss = model(**inputs, labels=inputs["input_ids"]).loss
+    loss.backward(retain_graph=True)
+    first = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    handles = {id(handle): handle for _, _, handle in taken}
+    assert all(h._value is None and h.readers == 0 for h in handles.values())
+
+    def same(got: torch.Tensor, expected: torch.Tensor) -> bool:
+        # DoRA's second backward computes m's gradient from u again (its output was let go in the first), in a
+        # different order of rounding
+        return torch.allclose(got, expected, rtol=1e-5, atol=1e-8) if use_dora else torch.equal(got, expected)
+
+    model.zero_grad()
+    loss.backward()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert same(param.grad, first[name]), name
+    assert all(h._value is None for h in handles.values())
+    monkeypatch.undo()
+    model.zero_grad()
+    monkeypatch.setattr(lora_fused, "rebuildable_input", lambda x: None)
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert torch.equal(param.grad, first[name]), name
+
+
 def test_rebuildable_input_reads_only_multiplication_chains():
     a = torch.randn(3, 4, requires_grad=True)
     b = torch.randn(3, 4, requires_grad=True)
     w = torch.randn(4)
-    structure, leaves = lora_inputs.rebuildable_input(a * b)
-    assert torch.equal(lora_inputs.replay(structure, leaves), a * b)
-    structure, leaves = lora_inputs.rebuildable_input(w * (a * b))  # RMSNorm's shape: w kept, a * b not
-    assert torch.equal(lora_inputs.replay(structure, leaves), w * (a * b))
+    how, leaves = lora_inputs.rebuildable_input(a * b)
+    assert torch.equal(lora_inputs.replay(how.structure, leaves), a * b)
+    how, leaves = lora_inputs.rebuildable_input(w * (a * b))  # RMSNorm's shape: w kept, a * b not
+    before = [t.clone() for t in leaves]
+    assert torch.equal(lora_inputs.replay(how.structure, leaves), w * (a * b))
+    for leaf, copy in zip(leaves, before, strict=True):  # the outer product wrote into the inner one, not a factor
+        assert torch.equal(leaf, copy)
     assert lora_inputs.rebuildable_input(a + b) is None
     changed = a * b
     changed.add_(1.0)  # an in-place op after the product: its grad_fn is no longer the product's

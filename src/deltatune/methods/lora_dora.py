@@ -32,6 +32,7 @@ from .lora_fused import (
     keep_input,
     kept_input,
     low_rank_then_base,
+    skip_input,
     unflattened_empty,
 )
 from .lora_inputs import saved_tensor_hooks_active
@@ -315,6 +316,8 @@ class FusedDoraLinear(torch.autograd.Function):
         if needs_a and lora_in is None:
             lora_in = kept_input(ctx.input_structure, kept, lora_a)
         grad_a = grad_after_a_t @ lora_in if needs_a else None
+        if lora_in is None:
+            skip_input(ctx.input_structure)
         grad_b = (after_a_t @ grad_u).mul_(scaling).t() if needs_b else None
         grad_x = grad_x_lora = None
         if weight is None and (needs_x or needs_x_lora):
