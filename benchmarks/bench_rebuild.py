@@ -5,6 +5,8 @@ deltatune's fused LoRA/DoRA nodes keep references to the factors an adapted laye
 (``methods/lora_inputs.py``). This script times one model's training step with that on and off in alternate
 rounds (switched by replacing ``rebuildable_input`` in ``methods/lora_fused.py``, nothing else changes), with the
 frozen base's forward + backward (``bench_floor.py``'s floor) in the same rotation, and the bytes autograd keeps.
+``--per-layer`` compares instead against every layer rebuilding its own input (q/k/v and gate/up then each
+multiply the same factors again; by default the layers that read one input share one rebuild).
 
 Model: ``bench_lora_step.py``'s SmolLM2-135M-shaped Llama (30 layers, ``--quick``: a tiny one), fp32, CPU, r=8,
 alpha 16, all-linear, AdamW.
@@ -12,6 +14,7 @@ alpha 16, all-linear, AdamW.
 Usage::
 
     python benchmarks/bench_rebuild.py [--steps N] [--warmup K] [--batch B] [--seq S] [--dora] [--threads T]
+                                       [--per-layer]
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import deltatune.methods.lora_fused as lora_fused  # noqa: E402
+import deltatune.methods.lora_inputs as lora_inputs  # noqa: E402
 from bench_dora import saved_for_backward_bytes  # noqa: E402
 from bench_floor import floor, floor_step  # noqa: E402
 from bench_lora_step import ALPHA, RANK, build_base, train_step, trainable  # noqa: E402
@@ -42,6 +46,8 @@ def main() -> int:
     parser.add_argument("--dora", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--per-layer", action="store_true",
+                        help="against one rebuild per layer (no sharing between q/k/v or gate/up), not a kept input")
     args = parser.parse_args()
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     base = build_base(args.quick, 0)
@@ -52,14 +58,20 @@ def main() -> int:
     model.train()
     steps = {"floor": floor_step(floor_model, ids),
              "rebuilt": train_step(model, torch.optim.AdamW(trainable(model).values(), lr=1e-4), ids, False)}
-    steps["kept"] = steps["rebuilt"]
+    other = "per-layer" if args.per_layer else "kept"
+    steps[other] = steps["rebuilt"]
     rebuild = lora_fused.rebuildable_input
 
+    def unshared(x: torch.Tensor) -> object:
+        lora_inputs._LAST.entry = None  # forget the last input seen: this layer starts its own rebuild
+        return rebuild(x)
+
     def switch(kind: str) -> None:
-        lora_fused.rebuildable_input = rebuild if kind != "kept" else (lambda x: None)
+        lora_fused.rebuildable_input = {"rebuilt": rebuild, "kept": lambda x: None, "per-layer": unshared}.get(
+            kind, rebuild)
 
     saved = {}
-    for kind in ("rebuilt", "kept"):
+    for kind in ("rebuilt", other):
         switch(kind)
         saved[kind] = saved_for_backward_bytes(model, ids) / 2**20
     saved["floor"] = saved_for_backward_bytes(floor_model, ids) / 2**20
@@ -77,11 +89,11 @@ def main() -> int:
           f"threads, {args.steps} rounds, torch {torch.__version__}")
     for kind in order:
         median_ms = statistics.median(times[kind]) * 1e3
-        print(f"{kind:8s} step ms {median_ms:8.1f}   saved for backward MiB {saved[kind]:7.1f}")
-    ratio = statistics.median(a / b for a, b in zip(times["rebuilt"], times["kept"], strict=True))
-    print(f"rebuilt / kept: median of per-round ratios {ratio:.3f}; over the floor: rebuilt "
-          f"{statistics.median(a / b for a, b in zip(times['rebuilt'], times['floor'], strict=True)):.3f}, kept "
-          f"{statistics.median(a / b for a, b in zip(times['kept'], times['floor'], strict=True)):.3f}")
+        print(f"{kind:9s} step ms {median_ms:8.1f}   saved for backward MiB {saved[kind]:7.1f}")
+    ratio = statistics.median(a / b for a, b in zip(times["rebuilt"], times[other], strict=True))
+    print(f"rebuilt / {other}: median of per-round ratios {ratio:.3f}; over the floor: rebuilt "
+          f"{statistics.median(a / b for a, b in zip(times['rebuilt'], times['floor'], strict=True)):.3f}, {other} "
+          f"{statistics.median(a / b for a, b in zip(times[other], times['floor'], strict=True)):.3f}")
     return 0
 
 
