@@ -16,7 +16,8 @@ through ``save_for_backward``, so an in-place change to one of them is an error 
 multiplication's own backward.
 
 Layers that read the same input share one :class:`RebuiltInput` (q/k/v read one RMSNorm output, gate/up another):
-the first of their backwards rebuilds it and the others reuse it, two rebuilds per Llama block instead of five.
+the first of their backwards rebuilds it and the others reuse it: a Llama block rebuilds its two RMSNorm outputs
+twice instead of five times.
 """
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ class RebuiltInput:
     """How to rebuild one adapted input in backward, shared by the fused nodes that read it.
 
     Why: q, k and v each multiplied the same RMSNorm factors again in backward (and gate and up), five rebuilds per
-    Llama block where two do; about 2% of an all-linear step at 4 x 128 tokens went to them. The first backward that
-    needs the input rebuilds it and holds it for the nodes still to come (``readers``, counted in forward); the last
-    one lets it go. A node whose backward never runs (``torch.autograd.grad`` on part of the graph) leaves it held
-    until the graph is freed; a second backward over a retained graph rebuilds it for each node.
+    Llama block where two do (all rebuilds took about 2% of an all-linear step at 4 x 128 tokens). The first
+    backward that needs the input rebuilds it and holds it for the nodes still to come (``readers``, counted in
+    forward); the last one lets it go. A node whose backward never runs (``torch.autograd.grad`` on part of the
+    graph) leaves it held until the graph is freed; a second backward over a retained graph rebuilds it for each
+    node.
     """
 
     def __init__(self, structure: tuple) -> None:
