@@ -84,15 +84,30 @@ def _spy_on_rebuilds(monkeypatch) -> list[tuple[int, torch.Tensor]]:
     return taken
 
 
-def test_layers_reading_one_input_share_one_rebuild(monkeypatch):
-    """q/k/v read one RMSNorm output and gate/up another: each is rebuilt once in backward, handed to the other
-    readers, and let go by the last one."""
+@pytest.mark.parametrize("bf16", [False, True])
+def test_layers_reading_one_input_share_one_rebuild(bf16, monkeypatch):
+    """q/k/v read one RMSNorm output and gate/up another: each is rebuilt once in backward (under bf16 autocast:
+    and cast once), handed to the other readers, and let go by the last one; the gradients are those of the kept
+    inputs, bit for bit."""
     taken = _spy_on_rebuilds(monkeypatch)
     model = dt.get_peft_model(make_model("llama"), dt.LoraConfig(target_modules="all-linear", r=4))
     perturb(model)
     model.train()
     inputs = model_inputs("llama")
-    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+
+    def gradients() -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    shared = gradients()
+    with monkeypatch.context() as patch:
+        patch.setattr(lora_fused, "rebuildable_input", lambda x: None)
+        kept = gradients()
+    for name, grad in shared.items():
+        assert torch.equal(grad, kept[name]), name
     by_source: dict[int, list] = {}
     for source, value, handle in taken:
         by_source.setdefault(source, []).append((value, handle))
@@ -100,6 +115,7 @@ def test_layers_reading_one_input_share_one_rebuild(monkeypatch):
     assert sorted(len(v) for v in by_source.values()) == [1, 1, 2, 2, 3]
     for values in by_source.values():
         assert all(value is values[0][0] for value, _ in values)  # the same tensor, not rebuilt again
+        assert values[0][0].dtype == (torch.bfloat16 if bf16 else torch.float32)
         assert values[0][1]._value is None and values[0][1].readers == 0
 
 
