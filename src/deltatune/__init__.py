@@ -20,7 +20,7 @@ from .loss import causal_lm_loss
 from .methods import PeftType
 from .methods.bottleneck import BottleneckConfig
 from .methods.ia3 import IA3Config
-from .methods.lora import LoraConfig
+from .methods.lora import LoraConfig, set_fused_training
 from .methods.lora_config import LoftQConfig
 from .methods.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
 from .methods.prefix_tuning import PrefixEncoder, PrefixTuningConfig
@@ -85,6 +85,7 @@ __all__ = [
     "init_prompt_from_text",
     "inject_adapter_in_model",
     "prepare_model_for_kbit_training",
+    "set_fused_training",
     "set_peft_model_state_dict",
     "sparse_dropout",
 ]

@@ -158,6 +158,46 @@ def test_shared_rebuilds_with_a_frozen_reader_and_a_retained_graph(use_dora, mon
             assert torch.equal(param.grad, first[name]), name
 
 
+def test_a_partial_backward_leaves_no_rebuilt_input_behind_the_graph():
+    """``torch.autograd.grad`` on one reader's A: the other readers never run backward, so the rebuilt input stays
+    with the graph's nodes, and goes with them (nothing else holds it)."""
+    import gc
+
+    model = dt.get_peft_model(make_model("llama"), dt.LoraConfig(
+        target_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"], r=4))  # last seen: gate/up's input
+    perturb(model)
+    model.train()
+    inputs = model_inputs("llama")
+    loss = model(**inputs, labels=inputs["input_ids"]).loss
+    gate_a = next(p for n, p in model.named_parameters() if "layers.1.mlp.gate_proj.lora_A" in n)
+    torch.autograd.grad(loss, [gate_a])
+    handle = lora_inputs._LAST.entry[1]()
+    assert handle is not None and handle._value is not None  # up_proj's backward never ran: held for it
+    del handle, loss
+    gc.collect()
+    assert lora_inputs._LAST.entry[1]() is None
+
+
+def test_a_rebuild_keeps_the_operand_order_of_a_scalar_factor():
+    """``s * (a * b)`` with ``s`` a 0-dim fp32 tensor and bf16 ``a``, ``b``: PyTorch treats the 0-dim operand by its
+    position, so ``s * p`` and ``p * s`` differ in the last bit for most ``s``; the rebuild must multiply in the
+    forward's order (a first batch with ``s = 0.5``, exact either way, must not hide it)."""
+    layer = _training_layer(16, 8).to(torch.bfloat16)
+    a0, b0 = torch.randn(4, 16).bfloat16(), torch.randn(4, 16).bfloat16()
+
+    def grad_a(scale: float, rebuild: bool) -> torch.Tensor:
+        with pytest.MonkeyPatch.context() as patch:
+            if not rebuild:
+                patch.setattr(lora_fused, "rebuildable_input", lambda x: None)
+            a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+            out = layer(torch.tensor(scale) * (a * b))
+            assert (out.grad_fn.input_structure is not None) == rebuild
+            return torch.autograd.grad(out.float().square().sum(), [layer.lora_A["a"].weight])[0]
+
+    for scale in (0.5, 1.1, 0.3):
+        assert torch.equal(grad_a(scale, True), grad_a(scale, False)), scale
+
+
 def test_rebuildable_input_reads_only_multiplication_chains():
     a = torch.randn(3, 4, requires_grad=True)
     b = torch.randn(3, 4, requires_grad=True)

@@ -131,6 +131,7 @@ class LoraLayer(WeightedLayer):
         self.merged_adapters: list[str] = []
         self.disabled = False
         self.batch_adapter_names: list[str] | None = None
+        self.fused_training = True  # False: training forwards take the module-by-module path (set_fused_training)
 
     def adapter_names(self) -> list[str]:
         return list(self.r)
@@ -452,7 +453,8 @@ class LoraLayer(WeightedLayer):
         unmerged adapter, where the input, the adapter and the base's matmul share a dtype, or autocast (bf16/fp16)
         decides it for all of them, as it would cast each matmul.
         """
-        if not self._fusable or not torch.is_grad_enabled() or len(self.active_adapters) != 1 or self.merged_adapters:
+        if (not self._fusable or not self.fused_training or not torch.is_grad_enabled()
+                or len(self.active_adapters) != 1 or self.merged_adapters):
             return None
         name = self.active_adapters[0]
         if name not in self.r:
@@ -629,3 +631,15 @@ CLI = MethodCli(name="lora", lr=2e-3, target_modules="all-linear", options=(
               "pissa_niter_K, olora (from the base weight, saved as plain LoRA), loftq (with --quantize nf4/int8)",
               label="init"),
 ))
+
+
+def set_fused_training(model: nn.Module, enabled: bool) -> None:
+    """Let the LoRA/DoRA layers of ``model`` take the fused training path (the default), or not.
+
+    Why: a second derivative (``create_graph=True``, then a backward through the gradients: gradient penalties,
+    meta-learning) through a fused DoRA node, or a fused LoRA node under autocast, raises; the module-by-module path
+    gives it, at the fused path's cost in time and memory. Takes effect from the next forward.
+    """
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.fused_training = enabled

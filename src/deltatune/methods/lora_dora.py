@@ -29,6 +29,7 @@ from ..quant.bnb import bnb_requantize, bnb_weight_kind
 from .lora_fused import (
     _frozen_weight,
     _frozen_weight_and_state,
+    first_derivatives_only,
     keep_input,
     kept_input,
     low_rank_then_base,
@@ -286,6 +287,14 @@ class FusedDoraLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
+        if torch.is_grad_enabled():  # create_graph: first derivatives only (see lora_fused.first_derivatives_only)
+            with torch.no_grad():
+                grads = FusedDoraLinear.gradients(ctx, grad)
+            return first_derivatives_only(grads)
+        return FusedDoraLinear.gradients(ctx, grad)
+
+    @staticmethod
+    def gradients(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
         lora_a, lora_b, after_a_t, u, scale, norm, *kept = ctx.saved_tensors
         needs_x, needs_x_lora, needs_a, needs_b, needs_m = ctx.needs_input_grad[:5]
         x_dtype, x_lora_dtype, m_dtype = ctx.input_dtypes

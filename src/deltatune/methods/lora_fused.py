@@ -80,13 +80,18 @@ def keep_input(x: torch.Tensor, lora_in: torch.Tensor,
     factors must call :func:`kept_input` or :func:`skip_input` once in its backward (the layers sharing the input
     count on it; an ``x`` with factors to rebuild from needs a gradient, so that backward runs)."""
     found = rebuildable_input(x) if x_lora is None else None
-    return (None, [lora_in]) if found is None else found
+    if found is not None:
+        return found
+    given = x if x_lora is None else x_lora
+    # the input itself where lora_in is a view of it (same memory): a backward under create_graph then stays
+    # connected to the graph that made it
+    return None, [given if given.dtype == lora_in.dtype else lora_in]
 
 
 def kept_input(source: RebuiltInput | None, kept: list[torch.Tensor], lora_a: torch.Tensor) -> torch.Tensor:
     """The flat (tokens, in) input in ``lora_a``'s dtype, from what :func:`keep_input` kept."""
     if source is None:
-        return kept[0]
+        return kept[0].reshape(-1, lora_a.shape[1]).to(lora_a.dtype)
     return source.take(kept, lora_a.shape[1], lora_a.dtype)
 
 
@@ -94,6 +99,40 @@ def skip_input(source: RebuiltInput | None) -> None:
     """For a backward that did not read the input: the layers sharing it need not hold it for this one."""
     if source is not None:
         source.skip()
+
+
+SECOND_DERIVATIVE_MESSAGE = (
+    "A backward went through gradients that deltatune's fused training path computed under create_graph=True (a "
+    "second derivative), which it cannot give for DoRA layers or under autocast. Call "
+    "deltatune.set_fused_training(model, False) before the forward: the module-by-module path gives them.")
+
+
+class _FirstDerivativeOnly(torch.autograd.Function):
+    """Stands in for a fused node's gradients under ``create_graph=True`` where they cannot be differentiated
+    (DoRA's scale and norm, autocast's cast copies are made outside autograd): differentiating them raises, where
+    they would otherwise be taken as constants and give a wrong second derivative, silently."""
+
+    @staticmethod
+    def forward(ctx, *grads: torch.Tensor) -> tuple[torch.Tensor, ...]:  # noqa: ANN001
+        return tuple(g.view_as(g) for g in grads)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> tuple[torch.Tensor, ...]:  # noqa: ANN001
+        raise RuntimeError(SECOND_DERIVATIVE_MESSAGE)
+
+
+def first_derivatives_only(grads: tuple[torch.Tensor | None, ...]) -> tuple[torch.Tensor | None, ...]:
+    """A fused node's gradients as its backward returns them: as they are, or, under ``create_graph=True``, behind a
+    node that raises if they are differentiated (what ``torch.autograd.function.once_differentiable`` does, with
+    a message that says what to do)."""
+    if not torch.is_grad_enabled():
+        return grads
+    places = [i for i, g in enumerate(grads) if g is not None]
+    stand_ins = _FirstDerivativeOnly.apply(*(grads[i].detach().requires_grad_() for i in places))
+    out = list(grads)
+    for i, g in zip(places, stand_ins, strict=True):
+        out[i] = g
+    return tuple(out)
 
 
 class FusedLoraLinear(torch.autograd.Function):
@@ -114,6 +153,8 @@ class FusedLoraLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, x_lora: torch.Tensor | None, lora_a: torch.Tensor,  # noqa: ANN001
                 lora_b: torch.Tensor, base: nn.Module, scaling: float, dtype: torch.dtype) -> torch.Tensor:
         weight, state = _frozen_weight_and_state(base, dtype)
+        # no cast copies (autocast makes them): a backward under create_graph is then differentiable (see backward)
+        ctx.differentiable = all(t is None or t.dtype == dtype for t in (x, x_lora, lora_a, lora_b))
         flat_x = x.reshape(-1, x.shape[-1]).to(dtype)
         lora_in = flat_x if x_lora is None else x_lora.reshape(-1, x_lora.shape[-1]).to(dtype)
         lora_a, lora_b = lora_a.to(dtype), lora_b.to(dtype)
@@ -131,17 +172,33 @@ class FusedLoraLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
+        if torch.is_grad_enabled() and not ctx.differentiable:  # create_graph, cast copies: _FirstDerivativeOnly
+            with torch.no_grad():
+                grads = FusedLoraLinear.gradients(ctx, grad)
+            return first_derivatives_only(grads)
+        return FusedLoraLinear.gradients(ctx, grad)
+
+    @staticmethod
+    def gradients(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
+        """The node's gradients; under ``create_graph=True`` (grad mode on here) from tensors connected to the graph,
+        so that a gradient penalty differentiates them correctly: forward's ``A x`` (made outside autograd) is made
+        again from A and the input."""
         lora_a, lora_b, after_a_t, *kept = ctx.saved_tensors  # all in the products' dtype but the kept input
         needs_x, needs_x_lora, needs_a, needs_b = ctx.needs_input_grad[:4]
         x_dtype, x_lora_dtype = ctx.input_dtypes
+        second_order = torch.is_grad_enabled()
         flat_grad = grad.reshape(-1, grad.shape[-1]).to(lora_a.dtype)
         # (r, tokens), already scaled: B^T grad^T runs 2.5-3x faster than grad B on the SmolLM2 shapes (MKL, CPU)
         grad_after_a_t = (lora_b.t() @ flat_grad.t()).mul_(ctx.scaling)
-        grad_a = None
-        if needs_a:
-            grad_a = grad_after_a_t @ kept_input(ctx.input_structure, kept, lora_a)
+        grad_a = lora_in = None
+        if needs_a or (second_order and needs_b):
+            lora_in = kept_input(ctx.input_structure, kept, lora_a)
         else:
             skip_input(ctx.input_structure)
+        if second_order and lora_in is not None:
+            after_a_t = lora_a @ lora_in.t()
+        if needs_a:
+            grad_a = grad_after_a_t @ lora_in
         grad_b = (after_a_t @ flat_grad).mul_(ctx.scaling).t() if needs_b else None
         grad_x = grad_x_lora = None
         if needs_x:

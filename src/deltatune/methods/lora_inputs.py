@@ -29,7 +29,7 @@ import torch
 
 _MAX_DEPTH = 3  # RMSNorm's output is two multiplications deep
 _CHECKED: dict[tuple, bool] = {}  # a chain's signature -> whether its replay matched x exactly the first time
-_LAST = threading.local()  # .entry: (weak reference to the last rebuildable input seen, its RebuiltInput)
+_LAST = threading.local()  # .entry: weak references to the last rebuildable input seen and to its RebuiltInput
 
 
 class RebuiltInput:
@@ -106,13 +106,16 @@ def replay(structure: tuple, leaves: tuple[torch.Tensor, ...] | list[torch.Tenso
     """The product ``structure`` describes, of ``leaves``.
 
     A product made here is this function's own, so the next multiplication writes into it when the shapes and dtype
-    allow: one fresh tensor per rebuild instead of one per product (a float product is the same either way round).
+    allow: one fresh tensor per rebuild instead of one per product. As the right factor (RMSNorm's ``w * (h * r)``)
+    only when both factors are full tensors of one dtype: then the product is the same bits either way round, where
+    a bf16 tensor times a 0-dim fp32 one is not (PyTorch treats the 0-dim operand as a scalar by position).
     """
-    factors = [leaves[p] if isinstance(p, int) else replay(p, leaves) for p in structure]
-    for own, (part, other) in zip(factors, ((structure[0], factors[1]), (structure[1], factors[0])), strict=True):
-        if (not isinstance(part, int) and not (own.requires_grad and torch.is_grad_enabled())
+    left, right = factors = [leaves[p] if isinstance(p, int) else replay(p, leaves) for p in structure]
+    for index, (own, other) in enumerate(((left, right), (right, left))):
+        if (not isinstance(structure[index], int) and not (own.requires_grad and torch.is_grad_enabled())
                 and own.dtype == torch.result_type(own, other)
-                and own.shape == torch.broadcast_shapes(own.shape, other.shape)):
+                and own.shape == torch.broadcast_shapes(own.shape, other.shape)
+                and (index == 0 or (other.dtype == own.dtype and other.dim() > 0))):
             return own.mul_(other)
     return factors[0] * factors[1]
 
@@ -128,9 +131,10 @@ def rebuildable_input(x: torch.Tensor) -> tuple[RebuiltInput, list[torch.Tensor]
     if structure is None:
         return None
     last = getattr(_LAST, "entry", None)
-    if last is not None and last[0]() is x:
-        last[1].readers += 1
-        return last[1], leaves
+    shared = None if last is None or last[0]() is not x else last[1]()  # the nodes that read x hold it, not _LAST
+    if shared is not None:
+        shared.readers += 1
+        return shared, leaves
     signature = (structure, tuple((t.shape, t.stride(), t.dtype, t.device) for t in leaves),
                  (x.shape, x.stride(), x.dtype))
     matched = _CHECKED.get(signature)
@@ -147,5 +151,5 @@ def rebuildable_input(x: torch.Tensor) -> tuple[RebuiltInput, list[torch.Tensor]
         return None
     shared = RebuiltInput(structure)
     shared.readers = 1
-    _LAST.entry = (weakref.ref(x), shared)
+    _LAST.entry = (weakref.ref(x), weakref.ref(shared))
     return shared, leaves
