@@ -29,7 +29,7 @@ from ..quant.bnb import bnb_requantize, bnb_weight_kind
 from .lora_fused import (
     _frozen_weight,
     _frozen_weight_and_state,
-    first_derivatives_only,
+    fused_gradients,
     keep_input,
     kept_input,
     low_rank_then_base,
@@ -287,11 +287,8 @@ class FusedDoraLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
-        if torch.is_grad_enabled():  # create_graph: first derivatives only (see lora_fused.first_derivatives_only)
-            with torch.no_grad():
-                grads = FusedDoraLinear.gradients(ctx, grad)
-            return first_derivatives_only(grads)
-        return FusedDoraLinear.gradients(ctx, grad)
+        # DoRA's scale and norm are made outside autograd: under create_graph, first derivatives only
+        return fused_gradients(FusedDoraLinear.gradients, ctx, grad, differentiable=False)
 
     @staticmethod
     def gradients(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001

@@ -7,6 +7,8 @@ gradients (tested against each other and with ``gradcheck``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.nn.modules import module as _torch_module
@@ -121,6 +123,17 @@ class _FirstDerivativeOnly(torch.autograd.Function):
         raise RuntimeError(SECOND_DERIVATIVE_MESSAGE)
 
 
+def fused_gradients(gradients: Callable, ctx: object, grad: torch.Tensor,
+                    differentiable: bool) -> tuple[torch.Tensor | None, ...]:
+    """A fused node's backward: ``gradients(ctx, grad)``; under ``create_graph=True`` for a node whose gradients
+    cannot be differentiated, computed without a graph and behind :func:`first_derivatives_only`."""
+    if not torch.is_grad_enabled() or differentiable:
+        return gradients(ctx, grad)
+    with torch.no_grad():
+        grads = gradients(ctx, grad)
+    return first_derivatives_only(grads)
+
+
 def first_derivatives_only(grads: tuple[torch.Tensor | None, ...]) -> tuple[torch.Tensor | None, ...]:
     """A fused node's gradients as its backward returns them: as they are, or, under ``create_graph=True``, behind a
     node that raises if they are differentiated (what ``torch.autograd.function.once_differentiable`` does, with
@@ -172,11 +185,7 @@ class FusedLoraLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
-        if torch.is_grad_enabled() and not ctx.differentiable:  # create_graph, cast copies: _FirstDerivativeOnly
-            with torch.no_grad():
-                grads = FusedLoraLinear.gradients(ctx, grad)
-            return first_derivatives_only(grads)
-        return FusedLoraLinear.gradients(ctx, grad)
+        return fused_gradients(FusedLoraLinear.gradients, ctx, grad, ctx.differentiable)
 
     @staticmethod
     def gradients(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
