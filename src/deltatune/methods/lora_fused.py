@@ -78,15 +78,16 @@ def unflattened_empty(x: torch.Tensor, features: int, dtype: torch.dtype) -> tup
 def keep_input(x: torch.Tensor, lora_in: torch.Tensor,
                x_lora: torch.Tensor | None) -> tuple[RebuiltInput | None, list[torch.Tensor]]:
     """What a fused node keeps for A's gradient: the factors ``x`` can be rebuilt from (see ``lora_inputs``) with
-    how to rebuild it, or ``(None, [lora_in])``, the flat input in the products' dtype. A node that keeps the
+    how to rebuild it, or ``(None, [input])``: the layer's input (``x_lora`` with dropout) as given, or its copy in
+    the products' dtype where that differs (autocast). A node that keeps the
     factors must call :func:`kept_input` or :func:`skip_input` once in its backward (the layers sharing the input
     count on it; an ``x`` with factors to rebuild from needs a gradient, so that backward runs)."""
     found = rebuildable_input(x) if x_lora is None else None
     if found is not None:
         return found
     given = x if x_lora is None else x_lora
-    # the input itself where lora_in is a view of it (same memory): a backward under create_graph then stays
-    # connected to the graph that made it
+    # the input itself where no cast was made: the same values, and a backward under create_graph stays connected
+    # to the graph that made it
     return None, [given if given.dtype == lora_in.dtype else lora_in]
 
 
@@ -126,20 +127,13 @@ class _FirstDerivativeOnly(torch.autograd.Function):
 def fused_gradients(gradients: Callable, ctx: object, grad: torch.Tensor,
                     differentiable: bool) -> tuple[torch.Tensor | None, ...]:
     """A fused node's backward: ``gradients(ctx, grad)``; under ``create_graph=True`` for a node whose gradients
-    cannot be differentiated, computed without a graph and behind :func:`first_derivatives_only`."""
+    cannot be differentiated, computed without a graph and returned behind a node that raises if they are
+    differentiated (what ``torch.autograd.function.once_differentiable`` does, with a message that says what to
+    do)."""
     if not torch.is_grad_enabled() or differentiable:
         return gradients(ctx, grad)
     with torch.no_grad():
         grads = gradients(ctx, grad)
-    return first_derivatives_only(grads)
-
-
-def first_derivatives_only(grads: tuple[torch.Tensor | None, ...]) -> tuple[torch.Tensor | None, ...]:
-    """A fused node's gradients as its backward returns them: as they are, or, under ``create_graph=True``, behind a
-    node that raises if they are differentiated (what ``torch.autograd.function.once_differentiable`` does, with
-    a message that says what to do)."""
-    if not torch.is_grad_enabled():
-        return grads
     places = [i for i, g in enumerate(grads) if g is not None]
     stand_ins = _FirstDerivativeOnly.apply(*(grads[i].detach().requires_grad_() for i in places))
     out = list(grads)
@@ -199,15 +193,14 @@ class FusedLoraLinear(torch.autograd.Function):
         flat_grad = grad.reshape(-1, grad.shape[-1]).to(lora_a.dtype)
         # (r, tokens), already scaled: B^T grad^T runs 2.5-3x faster than grad B on the SmolLM2 shapes (MKL, CPU)
         grad_after_a_t = (lora_b.t() @ flat_grad.t()).mul_(ctx.scaling)
-        grad_a = lora_in = None
+        lora_in = None
         if needs_a or (second_order and needs_b):
             lora_in = kept_input(ctx.input_structure, kept, lora_a)
         else:
             skip_input(ctx.input_structure)
         if second_order and lora_in is not None:
             after_a_t = lora_a @ lora_in.t()
-        if needs_a:
-            grad_a = grad_after_a_t @ lora_in
+        grad_a = grad_after_a_t @ lora_in if needs_a else None
         grad_b = (after_a_t @ flat_grad).mul_(ctx.scaling).t() if needs_b else None
         grad_x = grad_x_lora = None
         if needs_x:

@@ -52,15 +52,14 @@ class RebuiltInput:
              dtype: torch.dtype) -> torch.Tensor:
         """The flat (tokens, ``features``) input in ``dtype``, from this node's saved ``leaves`` (the same tensors
         for every reader)."""
+        if self._value is None or self._value.dtype != dtype:
+            self._value = replay(self.structure, leaves).reshape(-1, features).to(dtype)
         value = self._value
-        if value is None or value.dtype != dtype:
-            value = replay(self.structure, leaves).reshape(-1, features).to(dtype)
-        self.readers -= 1
-        self._value = value if self.readers > 0 else None
+        self.skip()
         return value
 
     def skip(self) -> None:
-        """A reader's backward that did not need the input (A frozen)."""
+        """One reader done (also one whose backward did not need the input: A frozen); the last lets it go."""
         self.readers -= 1
         if self.readers <= 0:
             self._value = None
@@ -110,14 +109,14 @@ def replay(structure: tuple, leaves: tuple[torch.Tensor, ...] | list[torch.Tenso
     only when both factors are full tensors of one dtype: then the product is the same bits either way round, where
     a bf16 tensor times a 0-dim fp32 one is not (PyTorch treats the 0-dim operand as a scalar by position).
     """
-    left, right = factors = [leaves[p] if isinstance(p, int) else replay(p, leaves) for p in structure]
+    left, right = (leaves[p] if isinstance(p, int) else replay(p, leaves) for p in structure)
     for index, (own, other) in enumerate(((left, right), (right, left))):
         if (not isinstance(structure[index], int) and not (own.requires_grad and torch.is_grad_enabled())
                 and own.dtype == torch.result_type(own, other)
                 and own.shape == torch.broadcast_shapes(own.shape, other.shape)
                 and (index == 0 or (other.dtype == own.dtype and other.dim() > 0))):
             return own.mul_(other)
-    return factors[0] * factors[1]
+    return left * right
 
 
 def rebuildable_input(x: torch.Tensor) -> tuple[RebuiltInput, list[torch.Tensor]] | None:
@@ -132,9 +131,18 @@ def rebuildable_input(x: torch.Tensor) -> tuple[RebuiltInput, list[torch.Tensor]
         return None
     last = getattr(_LAST, "entry", None)
     shared = None if last is None or last[0]() is not x else last[1]()  # the nodes that read x hold it, not _LAST
-    if shared is not None:
-        shared.readers += 1
-        return shared, leaves
+    if shared is None:
+        shared = _checked_rebuild(x, structure, leaves)
+        if shared is None:
+            return None
+        _LAST.entry = (weakref.ref(x), weakref.ref(shared))
+    shared.readers += 1
+    return shared, leaves
+
+
+def _checked_rebuild(x: torch.Tensor, structure: tuple, leaves: list[torch.Tensor]) -> RebuiltInput | None:
+    """A new RebuiltInput for ``x``, or None where this chain's replay did not give ``x`` exactly the first time its
+    signature was seen."""
     signature = (structure, tuple((t.shape, t.stride(), t.dtype, t.device) for t in leaves),
                  (x.shape, x.stride(), x.dtype))
     matched = _CHECKED.get(signature)
@@ -147,9 +155,4 @@ def rebuildable_input(x: torch.Tensor) -> tuple[RebuiltInput, list[torch.Tensor]
         if len(_CHECKED) > 4096:
             _CHECKED.clear()
         _CHECKED[signature] = matched
-    if not matched:
-        return None
-    shared = RebuiltInput(structure)
-    shared.readers = 1
-    _LAST.entry = (weakref.ref(x), weakref.ref(shared))
-    return shared, leaves
+    return RebuiltInput(structure) if matched else None
