@@ -17,6 +17,8 @@ import math
 import torch
 from torch import nn
 
+from .func_transforms import func_transform_active
+
 SPARSE_UP_TO = 0.5  # above this, drawing every element is cheaper than drawing the gaps
 
 
@@ -63,7 +65,7 @@ def sparse_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Te
     """``F.dropout(x, p, training)`` with masks drawn as gaps (see the module docstring) when ``0 < p <= 0.5``."""
     if not training or p == 0.0:
         return x
-    if not 0.0 < p <= SPARSE_UP_TO or x.numel() == 0:
+    if not 0.0 < p <= SPARSE_UP_TO or x.numel() == 0 or func_transform_active():
         return nn.functional.dropout(x, p, training)
     return _SparseDropout.apply(x, p)
 

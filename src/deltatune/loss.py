@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .func_transforms import func_transform_active
+
 IGNORE_INDEX = -100
 
 
@@ -109,7 +111,11 @@ def causal_lm_loss(hidden_states: torch.Tensor, head: torch.nn.Module | torch.Te
     targets = labels[:, 1:].reshape(-1)
     keep = targets != IGNORE_INDEX
     positions = hidden_states[:, :-1].reshape(-1, hidden_states.shape[-1])[keep]
-    total = _ChunkedCrossEntropy.apply(positions, weight, bias, targets[keep], chunk_size)
+    if not func_transform_active():
+        total = _ChunkedCrossEntropy.apply(positions, weight, bias, targets[keep], chunk_size)
+    else:  # torch.func / forward AD: the same sum from plain ops, all logits at once
+        logits = F.linear(positions, weight, bias).to(torch.promote_types(positions.dtype, torch.float32))
+        total = F.cross_entropy(logits, targets[keep], reduction="sum")
     count = num_items_in_batch if num_items_in_batch is not None else keep.sum()
     if isinstance(count, torch.Tensor):
         count = count.to(total.device)

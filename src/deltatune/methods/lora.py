@@ -24,6 +24,7 @@ from ..adapter_layer import (
     rows_by_adapter,
 )
 from ..dropout import SparseDropout
+from ..func_transforms import func_transform_active
 from ..quant.bnb import bnb_add_to_weight, bnb_dequantized_weight, bnb_weight_kind
 from ..targets import (
     fan_in_fan_out_for,
@@ -423,10 +424,11 @@ class LoraLayer(WeightedLayer):
         rank-r product): at a few rows MKL is slower both when the base GEMM accumulates into an existing output and
         with ``A x`` as (r, tokens) (4 rows, 576 -> 1536: +64 us over the bare GEMM that way, +21 us this way; equal at
         512 tokens). Taken for a no-grad call in eval mode (so dropout is off) of a plain nn.Linear base with one
-        active, unmerged, non-DoRA adapter, all in the input's dtype outside autocast, and no hook anywhere.
+        active, unmerged, non-DoRA adapter, all in the input's dtype outside autocast, and no hook anywhere (nor a
+        ``torch.func`` transform, see ``func_transforms``).
         """
         if (self.training or not self._plain_linear or self.disabled or self.batch_adapter_names is not None
-                or self.merged_adapters or len(self.active_adapters) != 1):
+                or self.merged_adapters or len(self.active_adapters) != 1 or func_transform_active()):
             return None
         modules = self._modules
         name = self.active_adapters[0]
@@ -451,10 +453,11 @@ class LoraLayer(WeightedLayer):
 
         Fused: a training forward (grad enabled) of a frozen nn.Linear or quantized base with exactly one active,
         unmerged adapter, where the input, the adapter and the base's matmul share a dtype, or autocast (bf16/fp16)
-        decides it for all of them, as it would cast each matmul.
+        decides it for all of them, as it would cast each matmul; never inside a ``torch.func`` transform or
+        forward-mode AD, which cannot go through a custom autograd Function (``func_transforms``).
         """
         if (not self._fusable or not self.fused_training or not torch.is_grad_enabled()
-                or len(self.active_adapters) != 1 or self.merged_adapters):
+                or len(self.active_adapters) != 1 or self.merged_adapters or func_transform_active()):
             return None
         name = self.active_adapters[0]
         if name not in self.r:
@@ -491,7 +494,8 @@ class LoraLayer(WeightedLayer):
         after_a = lora_a(self.lora_dropout[name](x.to(lora_a.weight.dtype)))  # (..., r)
         after_a = after_a.reshape(-1, after_a.shape[-1])  # (tokens, r)
         up = self.lora_B[name].weight.t()  # (r, out)
-        if self._result_is_scratch and result.is_contiguous() and not result._is_view():
+        in_place = self._result_is_scratch and result.is_contiguous() and not result._is_view()
+        if in_place and not func_transform_active():  # (vmap would run an in-place addmm_ one sample at a time)
             result.view(-1, result.shape[-1]).addmm_(after_a, up, alpha=self.scaling[name])
             return result
         flat = torch.addmm(result.reshape(-1, result.shape[-1]), after_a, up, alpha=self.scaling[name])

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..func_transforms import func_transform_active
 from ..targets import is_gpt2_conv1d
 from .int8 import Int8Weight, quantize_int8
 from .nf4 import DecodePlan, Weight4bit, quantize_4bit
@@ -115,7 +116,9 @@ def _forward(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None
              compute_dtype: torch.dtype | None) -> torch.Tensor:
     dtype = compute_dtype or x.dtype
     b = bias.to(dtype) if bias is not None else None
-    if torch.is_grad_enabled() and (x.requires_grad or (b is not None and b.requires_grad)):
+    if func_transform_active():  # torch.func / forward AD: plain ops, on a weight of its own (autograd keeps it)
+        out = nn.functional.linear(x.to(dtype), weight.dequantize(dtype), b)
+    elif torch.is_grad_enabled() and (x.requires_grad or (b is not None and b.requires_grad)):
         out = _DequantLinear.apply(x.to(dtype), weight, b)
     else:
         out = nn.functional.linear(x.to(dtype), _transient_weight(weight, dtype), b)

@@ -27,6 +27,8 @@ from functools import cache
 import torch
 from torch import nn
 
+from ..func_transforms import func_transform_active
+
 # QLoRA's NF4 values (bitsandbytes' `get_4bit_type("nf4")`): quantiles of N(0, 1) scaled to [-1, 1], with an exact 0.
 NF4_VALUES = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -292,6 +294,9 @@ class Weight4bit(nn.Module):
             scales: this weight's :meth:`absmax_fp32`, when the caller already has it (a layer's backward reuses
                 the forward's); None computes it.
         """
+        if func_transform_active():  # codes and scales are constants: decode them as plain tensors (a plan reads
+            with torch._C._DisableFuncTorch():  # their data pointers, which torch.func's wrappers do not have)
+                return DecodePlan(self, dtype or self.dtype, scratch or _allocate).run(scales)
         return DecodePlan(self, dtype or self.dtype, scratch or _allocate).run(scales)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's signature
