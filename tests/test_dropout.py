@@ -94,3 +94,14 @@ def test_lora_uses_it():
                                                                             target_modules=["0"]))
     layer = model.base_model.model[0]
     assert isinstance(layer.lora_dropout["default"], SparseDropout)
+
+
+def test_under_torch_compile_it_is_f_dropout_in_one_graph():
+    """A trace cannot go through the Function and its data-dependent draw (fullgraph=True raises on a graph break)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: sparse_dropout(t, 0.1), backend="aot_eager", fullgraph=True)
+    out = compiled(torch.ones(20000))
+    kept = out != 0
+    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1 / 0.9))
+    assert 0.085 < 1 - kept.float().mean().item() < 0.115
+    torch._dynamo.reset()

@@ -65,7 +65,8 @@ def sparse_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Te
     """``F.dropout(x, p, training)`` with masks drawn as gaps (see the module docstring) when ``0 < p <= 0.5``."""
     if not training or p == 0.0:
         return x
-    if not 0.0 < p <= SPARSE_UP_TO or x.numel() == 0 or func_transform_active():
+    # (torch.func and torch.compile cannot go through the Function and its data-dependent draw: F.dropout there)
+    if not 0.0 < p <= SPARSE_UP_TO or x.numel() == 0 or func_transform_active() or torch.compiler.is_compiling():
         return nn.functional.dropout(x, p, training)
     return _SparseDropout.apply(x, p)
 

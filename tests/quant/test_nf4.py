@@ -87,6 +87,21 @@ def test_every_decode_path_is_bit_exact(shape, threads):
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("shape", [(1000, 777), (1001, 777), (64, 32)])
+def test_the_traceable_decode_torch_compile_uses_is_bit_exact(shape, double_quant, quant_type):
+    """``_traceable_dequantize`` (plain ops, what a torch.compile trace runs) against bitsandbytes' reference."""
+    from deltatune.quant import quantize_4bit
+
+    weight = torch.randn(shape) * 0.05
+    packed, state = bnb_f.quantize_4bit(weight, blocksize=64, compress_statistics=double_quant, quant_type=quant_type)
+    ours = quantize_4bit(weight, quant_type=quant_type, double_quant=double_quant)
+    expected = bnb_reference(packed, state, quant_type)
+    assert torch.equal(ours._traceable_dequantize(torch.float32), expected)
+    assert torch.equal(ours._traceable_dequantize(torch.bfloat16), expected.to(torch.bfloat16))
+
+
 def test_kept_decode_plans_follow_the_weight_threads_and_buffers():
     """A plan is replayed only while it still describes the weight's tensors, the thread count and the buffers."""
     from deltatune.quant.linear import _SCRATCH

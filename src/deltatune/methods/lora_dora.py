@@ -97,6 +97,8 @@ def linear_weight_norm(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch
     with torch.no_grad():
         dtype = torch.promote_types(torch.promote_types(weight.dtype, lora_a.dtype), torch.float32)
         w, a, b = weight.to(dtype), lora_a.detach().to(dtype), lora_b.detach().to(dtype)
+        if torch.compiler.is_compiling():  # a graph has no data-dependent row choice: the direct formula (PEFT's)
+            return torch.linalg.vector_norm(w + scaling * (b @ a), dim=1)
         w_sq = torch.linalg.vector_norm(w, dim=1).square_()
         # row i of 2 s W A^T + s^2 B (A A^T), dotted with B_i: the cross and BA terms in one addmm and one vecdot
         # (each op costs ~10 us on CPU, once per adapted layer and step); A W^T is MKL's fast layout, read transposed
@@ -266,8 +268,9 @@ class FusedDoraLinear(torch.autograd.Function):
         # autocast)
         ctx.output = None
         # (not under saved-tensor hooks: activation checkpointing or save_on_cpu must see all that backward needs)
-        if (x_lora is None and bias is None and dtype != torch.float16 and not saved_tensor_hooks_active()
-                and bool((scale32.abs() > 1e-15).all())):
+        # (nor under torch.compile: the check below is data-dependent, and the graph decides what it keeps itself)
+        if (not torch.compiler.is_compiling() and x_lora is None and bias is None and dtype != torch.float16
+                and not saved_tensor_hooks_active() and bool((scale32.abs() > 1e-15).all())):
             out = result.mul_(scale)
             # detached: shares y's storage and version counter without a reference back to this node (save_for_backward
             # would make a caller's in-place op on y, e.g. ReLU(inplace=True), fail the backward; here it is seen and

@@ -123,7 +123,8 @@ def rebuildable_input(x: torch.Tensor) -> tuple[RebuiltInput, list[torch.Tensor]
     """(how, factors) to rebuild ``x`` in backward, or None to keep ``x`` itself; each call counts one more reader
     of the same ``x`` (the layers that read it are called one after another, so the last ``x`` is remembered)."""
     # version 0: x is as the multiplication wrote it (an in-place edit, even under no_grad, leaves grad_fn as it was)
-    if x.grad_fn is None or x._version != 0 or torch.compiler.is_compiling() or saved_tensor_hooks_active():
+    # (torch.compile first: reading grad_fn while dynamo traces breaks its graph)
+    if torch.compiler.is_compiling() or x.grad_fn is None or x._version != 0 or saved_tensor_hooks_active():
         return None
     leaves: list[torch.Tensor] = []
     structure = _chain(x.grad_fn, 0, leaves)

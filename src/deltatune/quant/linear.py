@@ -63,7 +63,7 @@ _SCRATCH = _Scratch()
 def _transient_weight(weight: QuantizedWeight, dtype: torch.dtype, scales: torch.Tensor | None = None) -> torch.Tensor:
     """The float weight for one matmul, in the scratch buffer when that pays (4-bit on CPU); never keep it."""
     if isinstance(weight, Weight4bit):
-        if weight.device.type == "cpu":
+        if weight.device.type == "cpu" and not torch.compiler.is_compiling():
             return _SCRATCH.plan(weight, dtype).run(scales)
         return weight.dequantize(dtype, scales=scales)
     return weight.dequantize(dtype)
@@ -78,7 +78,7 @@ def _backward_weight(weight: QuantizedWeight, dtype: torch.dtype, scales: torch.
 
 def _weight_and_scales(weight: QuantizedWeight, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A forward's transient float weight and, for 4-bit, its fp32 block scales in a fresh tensor for the backward."""
-    if not isinstance(weight, Weight4bit):
+    if not isinstance(weight, Weight4bit) or torch.compiler.is_compiling():  # (a graph: plain ops, see dequantize)
         return weight.dequantize(dtype), None
     if weight.device.type != "cpu":
         scales = weight.absmax_fp32()

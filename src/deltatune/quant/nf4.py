@@ -114,6 +114,11 @@ def _chunk_blocks(nblocks: int, blocksize: int, device: torch.device) -> list[tu
     return [(first, min(first + step, nblocks)) for first in range(0, nblocks, step)]
 
 
+# dynamic_map()'s 256 values as Python floats (exact: fp32 -> float -> fp32), filled by the first double-quantized
+# Weight4bit, so that a torch.compile trace reads a constant instead of calling the cached builder
+_DYNAMIC_MAP_FLOATS: list[float] = []
+
+
 @cache
 def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
     """bitsandbytes' signed 8-bit dynamic map (`create_dynamic_map()`): 256 sorted fp32 values in [-1, 1].
@@ -228,6 +233,8 @@ class Weight4bit(nn.Module):
                              f"packed bytes and {nblocks} absmax values, got {packed.numel()} and {absmax.numel()}")
         if (nested_absmax is None) != (offset is None) or (nested_absmax is not None) != (absmax.dtype == torch.uint8):
             raise ValueError("double quantization needs uint8 absmax, nested_absmax and offset together")
+        if nested_absmax is not None and not _DYNAMIC_MAP_FLOATS:  # for _traceable_dequantize
+            _DYNAMIC_MAP_FLOATS.extend(dynamic_map("cpu").tolist())
         self.register_buffer("packed", packed)
         self.register_buffer("absmax", absmax.reshape(-1))
         self.register_buffer("nested_absmax", nested_absmax)
@@ -294,10 +301,29 @@ class Weight4bit(nn.Module):
             scales: this weight's :meth:`absmax_fp32`, when the caller already has it (a layer's backward reuses
                 the forward's); None computes it.
         """
+        if torch.compiler.is_compiling():
+            return self._traceable_dequantize(dtype or self.dtype)
         if func_transform_active():  # codes and scales are constants: decode them as plain tensors (a plan reads
             with torch._C._DisableFuncTorch():  # their data pointers, which torch.func's wrappers do not have)
                 return DecodePlan(self, dtype or self.dtype, scratch or _allocate).run(scales)
         return DecodePlan(self, dtype or self.dtype, scratch or _allocate).run(scales)
+
+    def _traceable_dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The same decode in plain ops, for ``torch.compile`` to trace: no plan, no ``out=``, no data pointers (a
+        compiled graph may fuse the scale's multiply and add, so the last bit can differ from bitsandbytes')."""
+        nblocks, blocksize, device = self.absmax.numel(), self.blocksize, self.packed.device
+        # the tables from Python constants (a cached function would break the graph); the same fp32 values
+        table = torch.tensor(NF4_VALUES, dtype=torch.float32, device=device) if self.quant_type == "nf4" else \
+            torch.tensor(FP4_TWELFTHS, dtype=torch.float32, device=device) / 12.0
+        codes = torch.stack([self.packed >> 4, self.packed & 15], dim=1).reshape(-1).long()  # high nibble first
+        values = nn.functional.pad(table[codes], (0, nblocks * blocksize - 2 * self.packed.numel()))  # short block
+        scales = self.absmax
+        if self.double_quant:
+            dynamic = torch.tensor(_DYNAMIC_MAP_FLOATS, dtype=torch.float32, device=device)
+            nested = self.nested_absmax.repeat_interleave(NESTED_BLOCKSIZE)[:nblocks]
+            scales = dynamic[self.absmax.long()] * nested + self.offset
+        flat = (values.view(nblocks, blocksize) * scales.unsqueeze(1)).reshape(-1)[:self.shape.numel()]
+        return flat.view(self.shape).to(dtype)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's signature
         return _device_only(self, fn)
