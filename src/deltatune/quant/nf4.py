@@ -20,6 +20,7 @@ better (its table 2); FP4 is here for checkpoints made with ``quant_type="fp4"``
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from functools import cache
@@ -53,12 +54,19 @@ _LUT_STEPS = 65535
 @cache
 def nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:
     """The 16 NF4 values as fp32, on ``device`` (cached)."""
-    return torch.tensor(NF4_VALUES, dtype=torch.float32, device=device)
+    return _code_values("nf4", device)
 
 
 @cache
 def fp4_code(device: torch.device | str = "cpu") -> torch.Tensor:
     """The 16 FP4 values as fp32 in code order (not sorted: code 8 is -0), on ``device`` (cached)."""
+    return _code_values("fp4", device)
+
+
+def _code_values(quant_type: str, device: torch.device | str) -> torch.Tensor:
+    """The table built from the Python constants, uncached (what a torch.compile trace can run)."""
+    if quant_type == "nf4":
+        return torch.tensor(NF4_VALUES, dtype=torch.float32, device=device)
     return torch.tensor(FP4_TWELFTHS, dtype=torch.float32, device=device) / 12.0
 
 
@@ -303,18 +311,16 @@ class Weight4bit(nn.Module):
         """
         if torch.compiler.is_compiling():
             return self._traceable_dequantize(dtype or self.dtype)
-        if func_transform_active():  # codes and scales are constants: decode them as plain tensors (a plan reads
-            with torch._C._DisableFuncTorch():  # their data pointers, which torch.func's wrappers do not have)
-                return DecodePlan(self, dtype or self.dtype, scratch or _allocate).run(scales)
-        return DecodePlan(self, dtype or self.dtype, scratch or _allocate).run(scales)
+        # under torch.func the codes and scales are constants: decoded as plain tensors (a plan reads their data
+        # pointers, which torch.func's wrappers do not have)
+        with torch._C._DisableFuncTorch() if func_transform_active() else contextlib.nullcontext():
+            return DecodePlan(self, dtype or self.dtype, scratch or _allocate).run(scales)
 
     def _traceable_dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The same decode in plain ops, for ``torch.compile`` to trace: no plan, no ``out=``, no data pointers (a
         compiled graph may fuse the scale's multiply and add, so the last bit can differ from bitsandbytes')."""
         nblocks, blocksize, device = self.absmax.numel(), self.blocksize, self.packed.device
-        # the tables from Python constants (a cached function would break the graph); the same fp32 values
-        table = torch.tensor(NF4_VALUES, dtype=torch.float32, device=device) if self.quant_type == "nf4" else \
-            torch.tensor(FP4_TWELFTHS, dtype=torch.float32, device=device) / 12.0
+        table = _code_values(self.quant_type, device)  # not the cached code_table: that would break the graph
         codes = torch.stack([self.packed >> 4, self.packed & 15], dim=1).reshape(-1).long()  # high nibble first
         values = nn.functional.pad(table[codes], (0, nblocks * blocksize - 2 * self.packed.numel()))  # short block
         scales = self.absmax
