@@ -31,7 +31,7 @@ from ..adapter_layer import (
     rows_by_adapter,
 )
 from ..config import PeftConfig, check_names
-from ..quant.bnb import bnb_weight_kind
+from ..quant.bnb import bnb_weight_kind, call_base_layer
 from ..targets import (
     fan_in_fan_out_for,
     find_targets,
@@ -378,7 +378,7 @@ class IA3Layer(WeightedLayer):
         if self.disabled:
             if self.merged_adapters:
                 self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
+            return call_base_layer(self.base_layer, x, *args, **kwargs)
         if self.batch_adapter_names is not None:
             if self.merged_adapters:
                 raise ValueError("A mixed batch (adapter_names=...) cannot run on merged adapters; unmerge first.")
@@ -392,7 +392,7 @@ class IA3Layer(WeightedLayer):
         """base(x * scale_in) * scale_out, computed in the vectors' dtype and cast back (PEFT's dtype rule)."""
         if scale_in is not None:
             x = (x.to(scale_in.dtype) * scale_in).to(x.dtype)
-        result = self.base_layer(x, *args, **kwargs)
+        result = call_base_layer(self.base_layer, x, *args, **kwargs)
         if scale_out is not None:
             result = (result.to(scale_out.dtype) * scale_out).to(result.dtype)
         return result

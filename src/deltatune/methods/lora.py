@@ -25,7 +25,7 @@ from ..adapter_layer import (
 )
 from ..dropout import SparseDropout
 from ..func_transforms import func_transform_active
-from ..quant.bnb import bnb_add_to_weight, bnb_dequantized_weight, bnb_weight_kind
+from ..quant.bnb import bnb_add_to_weight, bnb_dequantized_weight, bnb_weight_kind, call_base_layer
 from ..targets import (
     fan_in_fan_out_for,
     find_targets,
@@ -386,7 +386,7 @@ class LoraLayer(WeightedLayer):
         if self.disabled:
             if self.merged_adapters:
                 self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
+            return call_base_layer(self.base_layer, x, *args, **kwargs)
         if self.batch_adapter_names is not None:
             if self.merged_adapters:
                 raise ValueError("A mixed batch (adapter_names=...) cannot run on merged adapters; unmerge first.")
@@ -404,7 +404,7 @@ class LoraLayer(WeightedLayer):
             x_lora = None if isinstance(dropout, nn.Identity) else dropout(x)
             return FusedLoraLinear.apply(x, x_lora, self.lora_A[name].weight, self.lora_B[name].weight,
                                           self.base_layer, self.scaling[name], dtype)
-        result = self.base_layer(x, *args, **kwargs)
+        result = call_base_layer(self.base_layer, x, *args, **kwargs)
         if self.merged_adapters:
             return result
         for name in self.active_adapters:
@@ -509,7 +509,7 @@ class LoraLayer(WeightedLayer):
                 f"A mixed batch (adapter_names=...) cannot use DoRA adapters ({dora}); PEFT refuses this too. Run "
                 "their rows as a separate batch with set_adapter(), or merge_and_unload() a copy of the model."
             )
-        result = self.base_layer(x, *args, **kwargs)
+        result = call_base_layer(self.base_layer, x, *args, **kwargs)
         check_batch_size(self.batch_adapter_names, x.shape[0])
         for name, rows in rows_by_adapter(self.batch_adapter_names, x.device).items():
             if name == BASE_ADAPTER or name not in self.r:

@@ -9,12 +9,15 @@ without bitsandbytes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
+from ..func_transforms import func_transform_active
 from .linear import Linear4bit
 from .nf4 import NESTED_BLOCKSIZE, QUANT_TYPES, Weight4bit, code_table, dynamic_map
 
@@ -187,24 +190,54 @@ def bnb_dequantized_weight(layer: torch.nn.Module) -> torch.Tensor:
     Raises:
         ValueError: ``layer`` is not a quantized bitsandbytes layer.
     """
-    import bitsandbytes.functional as F
+    import bitsandbytes.functional as bnb_functional
 
     kind = bnb_weight_kind(layer)
     weight = layer.weight
-    if kind == "4bit":
-        if not weight.bnb_quantized:
-            return weight.data
-        _unpack_cpu_layout(layer)
-        return F.dequantize_4bit(weight.data, weight.quant_state)
-    if kind == "8bit":
-        if weight.data.is_floating_point():  # has_fp16_weights: the layer keeps a float weight
-            return weight.data
-        state = layer.state
-        scale = state.SCB if state.SCB is not None else weight.SCB
-        if scale is None:
-            raise ValueError(f"{type(layer).__name__} holds int8 codes but no row scales (SCB); cannot dequantize.")
-        return F.int8_vectorwise_dequant(weight.data, scale.to(weight.device))
+    # bitsandbytes' ops have no torch.func rules; the codes are constants, so decode them outside the transform
+    with torch._C._DisableFuncTorch() if func_transform_active() else contextlib.nullcontext():
+        if kind == "4bit":
+            if not weight.bnb_quantized:
+                return weight.data
+            _unpack_cpu_layout(layer)
+            return bnb_functional.dequantize_4bit(weight.data, weight.quant_state)
+        if kind == "8bit":
+            if weight.data.is_floating_point():  # has_fp16_weights: the layer keeps a float weight
+                return weight.data
+            state = layer.state
+            scale = state.SCB if state.SCB is not None else weight.SCB
+            if scale is None:
+                raise ValueError(f"{type(layer).__name__} holds int8 codes but no row scales (SCB); cannot dequantize.")
+            return bnb_functional.int8_vectorwise_dequant(weight.data, scale.to(weight.device))
     raise ValueError(f"{type(layer).__name__} is not a quantized bitsandbytes Linear4bit / Linear8bitLt layer.")
+
+
+def call_base_layer(layer: torch.nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """``layer(x, ...)``, except for a bitsandbytes layer inside a ``torch.func`` transform or forward-mode AD.
+
+    Why: bitsandbytes' matmuls are autograd Functions and custom ops without ``torch.func`` rules, so per-sample
+    gradients (``vmap(grad(...))``), ``jvp`` or dual tensors through a bitsandbytes-loaded model fail inside
+    bitsandbytes (PEFT's too). A 4-bit layer computes ``x W^T + b`` with ``W`` decoded in its compute dtype, which
+    plain ops do with the same values: the codes are decoded outside the transform (they are constants) and the
+    product runs inside it. An 8-bit layer also quantizes its input, which plain ops would not repeat exactly, so
+    there the error says what to use instead.
+
+    Raises:
+        ValueError: a bitsandbytes 8-bit layer inside a transform.
+    """
+    kind = bnb_weight_kind(layer) if func_transform_active() else None
+    if kind is None:
+        return layer(x, *args, **kwargs)
+    if kind == "8bit" and not layer.weight.data.is_floating_point():
+        raise ValueError(
+            f"A bitsandbytes 8-bit layer ({type(layer).__name__}) cannot run inside a torch.func transform or "
+            "forward-mode AD: its int8 matmul also quantizes the input, which has no differentiable form there "
+            "(bitsandbytes and PEFT fail here too). Load the model in 4-bit (BitsAndBytesConfig(load_in_4bit=True)), "
+            "quantize it with deltatune.quant.quantize_model instead, or take gradients without torch.func.")
+    dtype = getattr(layer, "compute_dtype", None) or x.dtype
+    weight = bnb_dequantized_weight(layer).to(dtype)
+    bias = None if layer.bias is None else layer.bias.to(dtype)
+    return F.linear(x.to(dtype), weight, bias).to(x.dtype)
 
 
 def bnb_requantize(layer: torch.nn.Module, weight: torch.Tensor) -> None:

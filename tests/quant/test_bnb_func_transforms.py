@@ -1,0 +1,139 @@
+"""torch.func transforms and forward-mode AD through adapters on a bitsandbytes base (``quant.bnb.call_base_layer``).
+
+bitsandbytes' own layers fail inside ``torch.func`` (their matmuls have no transform rules; PEFT's adapters on them
+fail the same way). deltatune's LoRA, DoRA and (IA)^3 layers run a 4-bit base with plain ops there: per-sample
+gradients by ``vmap(grad(...))`` must equal the regular backward through bitsandbytes' own forward and backward,
+sample by sample, and a ``jvp`` the backward's gradient dotted with the tangent. An 8-bit base, whose matmul also
+quantizes the input, is refused with an error that says what to use instead.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, jvp, vmap
+
+import deltatune as dt
+from tests.conftest import perturb, quiet
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+def bnb_linear(in_features: int, out_features: int, bits: int) -> nn.Module:
+    linear = nn.Linear(in_features, out_features)
+    if bits == 4:
+        layer = bnb.nn.Linear4bit(in_features, out_features, compute_dtype=torch.float32, quant_type="nf4",
+                                  compress_statistics=True)
+    else:
+        layer = bnb.nn.Linear8bitLt(in_features, out_features, has_fp16_weights=False)
+    layer.load_state_dict(linear.state_dict())
+    return layer.to("cpu")  # quantizes
+
+
+class MLP(nn.Module):
+    def __init__(self, bits: int = 4) -> None:
+        super().__init__()
+        self.up = bnb_linear(64, 128, bits)
+        self.mid = bnb_linear(128, 64, bits)
+        self.head = nn.Linear(64, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.gelu(self.mid(F.gelu(self.up(x)))))
+
+
+CONFIGS = {
+    "lora": lambda: dt.LoraConfig(r=4, lora_alpha=8, target_modules=["up", "mid"]),
+    "dora": lambda: dt.LoraConfig(r=4, lora_alpha=8, target_modules=["up", "mid"], use_dora=True),
+    "ia3": lambda: dt.IA3Config(target_modules=["up", "mid"], feedforward_modules=["mid"]),
+}
+
+
+def adapted(method: str, bits: int = 4) -> nn.Module:
+    torch.manual_seed(0)
+    model = quiet(dt.get_peft_model, MLP(bits), CONFIGS[method]())
+    perturb(model, keys=("lora_", "ia3_"))
+    return model.train()
+
+
+def trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def loss_of(model: nn.Module):
+    def loss(params, xb, yb):
+        return F.cross_entropy(functional_call(model, params, (xb.unsqueeze(0),)), yb.unsqueeze(0))
+    return loss
+
+
+def per_sample_by_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    grads: dict[str, list[torch.Tensor]] = {name: [] for name in trainable(model)}
+    for i in range(x.shape[0]):
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                grads[name].append(param.grad.clone())
+    model.zero_grad(set_to_none=True)
+    return {name: torch.stack(g) for name, g in grads.items()}
+
+
+@pytest.fixture
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    return torch.randn(5, 64, generator=generator), torch.randint(0, 3, (5,), generator=generator)
+
+
+def test_bitsandbytes_alone_fails_under_torch_func(batch):
+    """The reason for the plain path: a bare bitsandbytes 4-bit layer cannot be differentiated by torch.func."""
+    layer = bnb_linear(64, 128, 4)
+    with pytest.raises(RuntimeError):
+        grad(lambda x: layer(x).square().sum())(batch[0])
+
+
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_per_sample_gradients_by_vmap_equal_the_backward_through_bitsandbytes(batch, method):
+    model = adapted(method)
+    x, y = batch
+    got = vmap(grad(loss_of(model)), in_dims=(None, 0, 0))(trainable(model), x, y)
+    want = per_sample_by_loop(model, x, y)
+    assert got.keys() == want.keys() and len(got) >= 2
+    for name in got:
+        assert want[name].abs().max() > 0, name
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_jvp_equals_the_backward_gradient_along_the_tangent(batch):
+    model = adapted("lora")
+    x, y = batch
+    params = trainable(model)
+    generator = torch.Generator().manual_seed(5)
+    tangents = {name: torch.randn(p.shape, generator=generator) for name, p in params.items()}
+
+    def loss(p):
+        return F.cross_entropy(functional_call(model, p, (x,)), y)
+
+    _, directional = jvp(loss, (params,), (tangents,))
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    want = sum((p.grad * tangents[name]).sum() for name, p in model.named_parameters() if p.requires_grad)
+    torch.testing.assert_close(directional, want, atol=1e-5, rtol=1e-4)
+
+
+def test_outside_a_transform_the_base_runs_through_bitsandbytes(batch, monkeypatch):
+    """The plain path is taken only inside a transform: a regular forward still calls bitsandbytes' layer."""
+    model = adapted("lora")
+    calls = []
+    monkeypatch.setattr(bnb.nn.Linear4bit, "forward",
+                        lambda self, x, _forward=bnb.nn.Linear4bit.forward: calls.append(1) or _forward(self, x))
+    model(batch[0])
+    assert len(calls) == 2
+
+
+def test_an_8bit_base_under_a_transform_is_a_clear_error(batch):
+    model = adapted("lora", bits=8)
+    x, y = batch
+    model(x)  # outside a transform it runs
+    with pytest.raises(ValueError, match="8-bit layer .* cannot run inside a torch.func transform"):
+        grad(loss_of(model))(trainable(model), x[0], y[0])
