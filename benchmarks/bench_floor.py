@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import subprocess
@@ -56,6 +57,7 @@ from bench_lora_step import (
     alternate,
     build_base,
     copy_adapter_weights,
+    median_interval,
     to_ms,
     train_step,
     trainable,
@@ -63,6 +65,7 @@ from bench_lora_step import (
 from bench_qlora_step import bnb_quantize
 from procmem import status_kib
 
+W = 32  # width of a contender's column in the report
 ROWS = ("step", "prefill", "decode", "memory", "qlora")
 TARGETS: dict[str, list[str] | str] = {"all-linear": "all-linear", "qv": ["q_proj", "v_proj"]}
 # issue 14's targets, contender / floor (qlora: deltatune / PEFT + bitsandbytes)
@@ -267,37 +270,41 @@ def memory_row(args: argparse.Namespace) -> dict[str, Any]:
 def report(payload: dict[str, Any]) -> None:
     print(payload["header"])
     print()
-    print("ratio = median of per-round ratios (ratio of medians, ratio of fastest); contender over floor/base")
-    print(f"{'row':<28} {'deltatune':>22} {'PEFT':>22} {'target':>7}  floor/base ms")
+    print("ratio = median of per-round ratios [its 95% interval] (ratio of medians, ratio of fastest); contender "
+          "over floor/base")
+    print(f"{'row':<28} {'deltatune':>{W}} {'PEFT':>{W}} {'target':>7}  floor/base ms")
 
     def cell(c: dict[str, Any]) -> str:
-        return f"{c['median_of_round_ratios']:.3f} ({c['ratio_of_medians']:.2f},{c['ratio_of_minima']:.2f})"
+        low, high = median_interval([a / b for a, b in zip(c["a_ms"], c["b_ms"], strict=True)])
+        interval = "[n/a]" if math.isnan(low) else f"[{low:.2f}-{high:.2f}]"  # n/a: under 6 rounds
+        return (f"{c['median_of_round_ratios']:.3f} {interval} "
+                f"({c['ratio_of_medians']:.2f},{c['ratio_of_minima']:.2f})")
 
     res = payload["results"]
     for label in ("step all-linear", "step q,v", "prefill", "decode"):
         if label in res:
             r = res[label]
-            print(f"{label:<28} {cell(r['deltatune']):>22} {cell(r['peft']):>22} {TARGET_RATIOS[label]:>7.2f}  "
+            print(f"{label:<28} {cell(r['deltatune']):>{W}} {cell(r['peft']):>{W}} {TARGET_RATIOS[label]:>7.2f}  "
                   f"{r['deltatune']['median_b_ms']:.1f} (deltatune {r['deltatune']['median_a_ms']:.1f}, "
                   f"PEFT {r['peft']['median_a_ms']:.1f})")
     if "a/a" in res:
-        print(f"{'  a/a: identical copy / it':<28} {cell(res['a/a']):>22} {'':>22} {'':>7}  "
+        print(f"{'  a/a: identical copy / it':<28} {cell(res['a/a']):>{W}} {'':>{W}} {'':>7}  "
               f"{res['a/a']['median_a_ms']:.1f} vs {res['a/a']['median_b_ms']:.1f} (1.000 but for noise)")
     if "memory" in res:
         m = res["memory"]
         d, p = m["deltatune / floor"], m["peft / floor"]
-        print(f"{'memory added, all-linear':<28} {d['added']:>22.3f} {p['added']:>22.3f} "
+        print(f"{'memory added, all-linear':<28} {d['added']:>{W}.3f} {p['added']:>{W}.3f} "
               f"{TARGET_RATIOS['memory']:>7.2f}  added MiB: floor {m['floor']['added_mib']:.0f}, "
               f"deltatune {m['deltatune']['added_mib']:.0f}, PEFT {m['peft']['added_mib']:.0f}")
-        print(f"{'  saved for backward':<28} {d['saved_for_backward']:>22.3f} {p['saved_for_backward']:>22.3f} "
+        print(f"{'  saved for backward':<28} {d['saved_for_backward']:>{W}.3f} {p['saved_for_backward']:>{W}.3f} "
               f"{'':>7}  MiB: floor {m['floor']['saved_for_backward_mib']:.0f}, deltatune "
               f"{m['deltatune']['saved_for_backward_mib']:.0f}, PEFT {m['peft']['saved_for_backward_mib']:.0f}")
     if "qlora vs peft+bnb" in res:
         q, f = res["qlora vs peft+bnb"], res["qlora over floor"]
-        print(f"{'qlora step vs PEFT + bnb':<28} {cell(q):>22} {'1.000':>22} "
+        print(f"{'qlora step vs PEFT + bnb':<28} {cell(q):>{W}} {'1.000':>{W}} "
               f"{TARGET_RATIOS['qlora vs peft+bnb']:>7.2f}  deltatune {q['median_a_ms']:.1f}, "
               f"PEFT + bnb {q['median_b_ms']:.1f}")
-        print(f"{'  qlora step over NF4 floor':<28} {cell(f['deltatune']):>22} {cell(f['peft+bnb']):>22} "
+        print(f"{'  qlora step over NF4 floor':<28} {cell(f['deltatune']):>{W}} {cell(f['peft+bnb']):>{W}} "
               f"{'':>7}  {f['deltatune']['median_b_ms']:.1f}")
     for key in ("max_loss_diff", "max_logit_diff"):
         diffs = {label: r[key] for label, r in res.items() if isinstance(r, dict) and key in r}

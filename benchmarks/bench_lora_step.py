@@ -43,6 +43,7 @@ import argparse
 import copy
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -179,6 +180,22 @@ def _run_rounds(steps: dict[str, Callable[[], Any]], names: list[str], rounds: i
             results.append(round_results)
 
 
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free interval for the median of ``values``: the k-th smallest and k-th largest, k the largest
+    with P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2, so it covers the true median with at least that
+    probability if the values are independent draws (NaN when n is too small for that). Rounds on a shared machine
+    drift together, so read it as the least uncertainty a run has, not the most."""
+    n, tail = len(values), (1 - confidence) / 2
+    k, below = 0, 0.0
+    while k < n and below + math.comb(n, k) / 2 ** n <= tail:
+        below += math.comb(n, k) / 2 ** n
+        k += 1
+    if k == 0:
+        return math.nan, math.nan
+    ordered = sorted(values)
+    return ordered[k - 1], ordered[n - k]
+
+
 @dataclass
 class Comparison:
     """Times in ms of ``a`` and ``b``, measured alternately; ratios are a / b."""
@@ -192,11 +209,14 @@ class Comparison:
     median_of_round_ratios: float = field(init=False)
     ratio_of_medians: float = field(init=False)
     ratio_of_minima: float = field(init=False)  # best-of-N: a third view, least touched by neighbours
+    round_ratio_ci95: tuple[float, float] = field(init=False)  # around median_of_round_ratios (median_interval)
 
     def __post_init__(self) -> None:
         self.median_a_ms = statistics.median(self.a_ms)
         self.median_b_ms = statistics.median(self.b_ms)
-        self.median_of_round_ratios = statistics.median(x / y for x, y in zip(self.a_ms, self.b_ms, strict=True))
+        round_ratios = [x / y for x, y in zip(self.a_ms, self.b_ms, strict=True)]
+        self.median_of_round_ratios = statistics.median(round_ratios)
+        self.round_ratio_ci95 = median_interval(round_ratios)
         self.ratio_of_medians = self.median_a_ms / self.median_b_ms
         self.ratio_of_minima = min(self.a_ms) / min(self.b_ms)
 

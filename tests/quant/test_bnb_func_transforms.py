@@ -13,21 +13,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd import forward_ad
 from torch.func import functional_call, grad, jvp, vmap
 
 import deltatune as dt
+from deltatune.quant.bnb import call_base_layer
 from tests.conftest import perturb, quiet
 
 bnb = pytest.importorskip("bitsandbytes")
 
 
-def bnb_linear(in_features: int, out_features: int, bits: int) -> nn.Module:
-    linear = nn.Linear(in_features, out_features)
+def bnb_linear(in_features: int, out_features: int, bits: int, stored: torch.dtype = torch.float32,
+               compute: torch.dtype | None = torch.float32, quant_type: str = "nf4", nested: bool = True,
+               bias: bool = True) -> nn.Module:
+    linear = nn.Linear(in_features, out_features, bias=bias).to(stored)
     if bits == 4:
-        layer = bnb.nn.Linear4bit(in_features, out_features, compute_dtype=torch.float32, quant_type="nf4",
-                                  compress_statistics=True)
+        layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias, compute_dtype=compute, quant_type=quant_type,
+                                  compress_statistics=nested)
     else:
-        layer = bnb.nn.Linear8bitLt(in_features, out_features, has_fp16_weights=False)
+        layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias, has_fp16_weights=False)
     layer.load_state_dict(linear.state_dict())
     return layer.to("cpu")  # quantizes
 
@@ -88,7 +92,7 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
 def test_bitsandbytes_alone_fails_under_torch_func(batch):
     """The reason for the plain path: a bare bitsandbytes 4-bit layer cannot be differentiated by torch.func."""
     layer = bnb_linear(64, 128, 4)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="INTERNAL ASSERT|setup_context"):
         grad(lambda x: layer(x).square().sum())(batch[0])
 
 
@@ -136,4 +140,46 @@ def test_an_8bit_base_under_a_transform_is_a_clear_error(batch):
     x, y = batch
     model(x)  # outside a transform it runs
     with pytest.raises(ValueError, match="8-bit layer .* cannot run inside a torch.func transform"):
+        grad(loss_of(model))(trainable(model), x[0], y[0])
+
+
+@pytest.mark.parametrize(("stored", "compute", "quant_type", "nested", "bias"), [
+    (torch.float32, torch.float32, "fp4", False, False),
+    (torch.float16, torch.float32, "nf4", True, True),  # transformers' default for torch_dtype=float16
+    (torch.bfloat16, torch.float32, "nf4", False, True),
+    (torch.bfloat16, torch.bfloat16, "nf4", True, True),
+    (torch.float32, None, "nf4", True, True),  # compute dtype taken from the input, as bitsandbytes does
+])
+def test_the_plain_path_gives_bitsandbytes_values_bit_for_bit(stored, compute, quant_type, nested, bias):
+    """Weights stored in one dtype and computed in another are decoded straight into the compute dtype, as
+    bitsandbytes' matmul does (a decode into the stored dtype and a cast after would round twice)."""
+    torch.manual_seed(0)
+    layer = bnb_linear(64, 96, 4, stored, compute, quant_type, nested, bias).train()
+    x = torch.randn(3, 5, 64, dtype=compute or torch.float32, requires_grad=True)
+    want = layer(x)
+    with forward_ad.dual_level():  # a transform is active: the plain path
+        got = call_base_layer(layer, x)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_a_frozen_weight_passed_to_functional_call_is_a_clear_error(batch):
+    """Frozen parameters handed to functional_call as plain tensors: a 4-bit weight loses its quantization state."""
+    model = adapted("lora")
+    x, y = batch
+    frozen = {name: p.detach() for name, p in model.named_parameters() if not p.requires_grad}
+
+    def loss(params, xb, yb):
+        out = functional_call(model, (params, frozen), (xb.unsqueeze(0),))
+        return F.cross_entropy(out, yb.unsqueeze(0))
+
+    with pytest.raises(ValueError, match="pass functional_call only the trainable parameters"):
+        grad(loss)(trainable(model), x[0], y[0])
+
+
+def test_a_bitsandbytes_layer_left_out_of_the_adapter_still_fails(batch):
+    """Documented limit: only adapted layers take the plain path, so every bitsandbytes layer must be a target."""
+    torch.manual_seed(0)
+    model = quiet(dt.get_peft_model, MLP(), dt.LoraConfig(r=4, lora_alpha=8, target_modules=["up"]))
+    x, y = batch
+    with pytest.raises(RuntimeError):
         grad(loss_of(model))(trainable(model), x[0], y[0])

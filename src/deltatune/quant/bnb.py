@@ -10,6 +10,7 @@ without bitsandbytes.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -181,11 +182,12 @@ def _unpack_cpu_layout(layer: torch.nn.Module) -> None:
         layer.quant_state = weight.quant_state
 
 
-def bnb_dequantized_weight(layer: torch.nn.Module) -> torch.Tensor:
+def bnb_dequantized_weight(layer: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The float (out, in) weight a bitsandbytes 4-bit or 8-bit layer computes with.
 
-    4-bit: ``dequantize_4bit`` in the quant state's dtype. 8-bit: int8 codes times each row's absmax / 127 (the
-    scale lives on the weight until the first forward, then in the layer's ``state``), in float32.
+    4-bit: ``dequantize_4bit`` into ``dtype`` (default: the quant state's, the weight's dtype before quantizing).
+    8-bit: int8 codes times each row's absmax / 127 (the scale lives on the weight until the first forward, then in
+    the layer's ``state``), in float32.
 
     Raises:
         ValueError: ``layer`` is not a quantized bitsandbytes layer.
@@ -200,7 +202,11 @@ def bnb_dequantized_weight(layer: torch.nn.Module) -> torch.Tensor:
             if not weight.bnb_quantized:
                 return weight.data
             _unpack_cpu_layout(layer)
-            return bnb_functional.dequantize_4bit(weight.data, weight.quant_state)
+            state = weight.quant_state
+            if dtype is not None and dtype != state.dtype:  # decoded straight into dtype, as its matmul does
+                state = copy.copy(state)
+                state.dtype = dtype
+            return bnb_functional.dequantize_4bit(weight.data, state)
         if kind == "8bit":
             if weight.data.is_floating_point():  # has_fp16_weights: the layer keeps a float weight
                 return weight.data
@@ -212,30 +218,47 @@ def bnb_dequantized_weight(layer: torch.nn.Module) -> torch.Tensor:
     raise ValueError(f"{type(layer).__name__} is not a quantized bitsandbytes Linear4bit / Linear8bitLt layer.")
 
 
+def _bnb_layer_class(layer: torch.nn.Module) -> str | None:
+    """"4bit" / "8bit" for a bitsandbytes ``Linear4bit`` (or a subclass) / ``Linear8bitLt`` by the layer's class,
+    whatever its weight currently is (``functional_call`` may have put a plain tensor there)."""
+    if not type(layer).__module__.startswith("bitsandbytes"):
+        return None
+    names = {cls.__name__ for cls in type(layer).__mro__}
+    return "4bit" if "Linear4bit" in names else "8bit" if "Linear8bitLt" in names else None
+
+
 def call_base_layer(layer: torch.nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """``layer(x, ...)``, except for a bitsandbytes layer inside a ``torch.func`` transform or forward-mode AD.
 
     Why: bitsandbytes' matmuls are autograd Functions and custom ops without ``torch.func`` rules, so per-sample
     gradients (``vmap(grad(...))``), ``jvp`` or dual tensors through a bitsandbytes-loaded model fail inside
-    bitsandbytes (PEFT's too). A 4-bit layer computes ``x W^T + b`` with ``W`` decoded in its compute dtype, which
-    plain ops do with the same values: the codes are decoded outside the transform (they are constants) and the
-    product runs inside it. An 8-bit layer also quantizes its input, which plain ops would not repeat exactly, so
-    there the error says what to use instead.
+    bitsandbytes (PEFT's too). A 4-bit layer's training forward is ``x W^T + b`` with ``W`` decoded straight into
+    the compute dtype, which plain ops give with the same values: the codes are decoded outside the transform (they
+    are constants) and the product runs inside it. An 8-bit layer's matmul differs by device and mode (on GPU it
+    also quantizes the input), so it is refused with an error that says what to use instead.
 
     Raises:
-        ValueError: a bitsandbytes 8-bit layer inside a transform.
+        ValueError: inside a transform, a bitsandbytes 8-bit layer, or a 4-bit layer whose weight was replaced by
+            a plain tensor (``functional_call`` given every parameter, the frozen codes too).
     """
-    kind = bnb_weight_kind(layer) if func_transform_active() else None
+    kind = _bnb_layer_class(layer) if func_transform_active() and not (args or kwargs) else None
     if kind is None:
         return layer(x, *args, **kwargs)
-    if kind == "8bit" and not layer.weight.data.is_floating_point():
+    name = type(layer).__name__
+    if kind == "8bit":
         raise ValueError(
-            f"A bitsandbytes 8-bit layer ({type(layer).__name__}) cannot run inside a torch.func transform or "
-            "forward-mode AD: its int8 matmul also quantizes the input, which has no differentiable form there "
-            "(bitsandbytes and PEFT fail here too). Load the model in 4-bit (BitsAndBytesConfig(load_in_4bit=True)), "
-            "quantize it with deltatune.quant.quantize_model instead, or take gradients without torch.func.")
+            f"A bitsandbytes 8-bit layer ({name}) cannot run inside a torch.func transform or forward-mode AD: its "
+            "int8 matmul has no torch.func rules, and no plain form gives its values on every device (on GPU it "
+            "also quantizes the input); PEFT fails here too. Load the model in 4-bit "
+            "(BitsAndBytesConfig(load_in_4bit=True)), quantize the float model with deltatune.quant.quantize_model "
+            "instead, or take gradients without torch.func.")
+    if bnb_weight_kind(layer) != "4bit":
+        raise ValueError(
+            f"The weight of the bitsandbytes layer {name} is a plain tensor here, without its quantization state: "
+            "inside torch.func, pass functional_call only the trainable parameters (e.g. {n: p for n, p in "
+            "model.named_parameters() if p.requires_grad}); the frozen 4-bit codes stay in the model.")
     dtype = getattr(layer, "compute_dtype", None) or x.dtype
-    weight = bnb_dequantized_weight(layer).to(dtype)
+    weight = bnb_dequantized_weight(layer, dtype).to(dtype)
     bias = None if layer.bias is None else layer.bias.to(dtype)
     return F.linear(x.to(dtype), weight, bias).to(x.dtype)
 
