@@ -327,26 +327,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def interval_text(comparison: Comparison) -> str:
+    """``comparison``'s 95% interval around the median of per-round ratios, or n/a (under 6 rounds)."""
+    low, high = comparison.round_ratio_ci95
+    return "n/a" if math.isnan(low) else f"{low:.3f}-{high:.3f}"
+
+
 def print_report(results: list[TargetResult], header: str) -> None:
     print(header)
     print()
     print("training step (fwd+labels, backward, AdamW step, zero_grad); ratio = deltatune / peft")
     print(f"{'targets':<11} {'trainable':>10} {'layers':>6} {'deltatune ms':>13} {'peft ms':>9} "
-          f"{'med(ratio)':>10} {'ratio(med)':>10} {'ratio(min)':>10} {'max|dloss|':>10}")
+          f"{'med(ratio)':>10} {'95% interval':>12} {'ratio(med)':>10} {'ratio(min)':>10} {'max|dloss|':>10}")
     for r in results:
         t = r.train
         loss = "n/a" if r.max_loss_diff is None else f"{r.max_loss_diff:.1e}"
         print(f"{r.targets:<11} {r.trainable_params:>10,d} {r.adapter_layers:>6d} {t.median_a_ms:>13.1f} "
-              f"{t.median_b_ms:>9.1f} {t.median_of_round_ratios:>10.3f} {t.ratio_of_medians:>10.3f} "
+              f"{t.median_b_ms:>9.1f} {t.median_of_round_ratios:>10.3f} {interval_text(t):>12} "
+              f"{t.ratio_of_medians:>10.3f} "
               f"{t.ratio_of_minima:>10.3f} {loss:>10}")
     print()
     print("inference, torch.no_grad forward; ratio = deltatune merge_and_unload() model / bare base model")
-    print(f"{'targets':<11} {'merged ms':>10} {'base ms':>9} {'med(ratio)':>10} {'ratio(med)':>10} "
+    print(f"{'targets':<11} {'merged ms':>10} {'base ms':>9} {'med(ratio)':>10} {'95% interval':>12} "
+          f"{'ratio(med)':>10} "
           f"{'ratio(min)':>10} {'max|dlogit|':>11}")
     for r in results:
         i = r.inference
         print(f"{r.targets:<11} {i.median_a_ms:>10.1f} {i.median_b_ms:>9.1f} {i.median_of_round_ratios:>10.3f} "
-              f"{i.ratio_of_medians:>10.3f} {i.ratio_of_minima:>10.3f} {r.merged_max_logit_diff:>11.1e}")
+              f"{interval_text(i):>12} {i.ratio_of_medians:>10.3f} {i.ratio_of_minima:>10.3f} "
+              f"{r.merged_max_logit_diff:>11.1e}")
     print("(med(ratio) = median of per-round ratios; ratio(med) = ratio of the two medians; ratio(min) = ratio of\n"
           " the fastest steps; if the three disagree the machine was too busy; max|dlogit| = merged vs unmerged)")
 

@@ -117,3 +117,16 @@ def perturb(model: torch.nn.Module, keys: tuple[str, ...] = ("lora_", "modules_t
 def _quiet_and_seeded():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _fused_at_any_size(request):
+    """The tests' models are tiny, below the size where a CPU training forward takes the fused LoRA/DoRA path
+    (``lora.FUSED_MIN_WORK``); the tests of that path need it taken at any size. Tests marked ``default_fusing``
+    see the library's default. (A patch of its own, so that a test's ``monkeypatch.undo()`` leaves it.)"""
+    if request.node.get_closest_marker("default_fusing") is not None:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("deltatune.methods.lora.FUSED_MIN_WORK", 0)
+        yield

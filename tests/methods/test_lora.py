@@ -489,3 +489,35 @@ def test_orthogonal_init_needs_even_rank_and_a_linear_layer():
     with pytest.raises(ValueError, match="linear layers only"):
         dt.get_peft_model(model, dt.LoraConfig(r=2, target_modules=["1"], init_lora_weights="orthogonal"))
     assert type(model[0]) is nn.Linear and type(model[1]) is nn.Conv1d
+
+
+@pytest.mark.default_fusing
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_small_cpu_layers_train_module_by_module_large_ones_fused(use_dora):
+    """By default a CPU training forward takes the fused node only where the layer's work (tokens x in x out)
+    reaches FUSED_MIN_WORK, where the node's fixed cost pays; either path gives the same values."""
+    from deltatune.methods import lora
+
+    fused_name = "FusedDoraLinearBackward" if use_dora else "FusedLoraLinearBackward"
+    torch.manual_seed(0)
+    layer = _layer(_fusable_base("linear"), r=4, alpha=8, use_dora=use_dora).train()
+    in_features, out_features = layer.base_layer.in_features, layer.base_layer.out_features
+    tokens = lora.FUSED_MIN_WORK // (in_features * out_features)
+    small = torch.randn(tokens, in_features, requires_grad=True)
+    large = torch.randn(tokens + 1, in_features, requires_grad=True)
+    assert small.numel() * out_features < lora.FUSED_MIN_WORK <= large.numel() * out_features
+    assert type(layer(small).grad_fn).__name__ != fused_name
+    assert type(layer(large).grad_fn).__name__ == fused_name
+    grads = []
+    for threshold in (lora.FUSED_MIN_WORK, 0):  # module by module, then fused, on the same small input
+        lora.FUSED_MIN_WORK, saved = threshold, lora.FUSED_MIN_WORK
+        try:
+            small.grad = None
+            layer.zero_grad(set_to_none=True)
+            out = layer(small)
+            out.square().sum().backward()
+            grads.append([out.detach(), small.grad, layer.lora_A["a"].weight.grad, layer.lora_B["a"].weight.grad])
+        finally:
+            lora.FUSED_MIN_WORK = saved
+    for unfused, fused in zip(*grads, strict=True):
+        torch.testing.assert_close(unfused, fused, atol=1e-4, rtol=1e-4)
