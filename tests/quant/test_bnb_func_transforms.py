@@ -19,6 +19,7 @@ from torch.func import functional_call, grad, jvp, vmap
 import deltatune as dt
 from deltatune.quant.bnb import call_base_layer
 from tests.conftest import perturb, quiet
+from tests.test_func_transforms import per_sample_by_loop, trainable
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -61,26 +62,10 @@ def adapted(method: str, bits: int = 4) -> nn.Module:
     return model.train()
 
 
-def trainable(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-
-
 def loss_of(model: nn.Module):
     def loss(params, xb, yb):
         return F.cross_entropy(functional_call(model, params, (xb.unsqueeze(0),)), yb.unsqueeze(0))
     return loss
-
-
-def per_sample_by_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-    grads: dict[str, list[torch.Tensor]] = {name: [] for name in trainable(model)}
-    for i in range(x.shape[0]):
-        model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
-        for name, param in model.named_parameters():
-            if param.requires_grad:
-                grads[name].append(param.grad.clone())
-    model.zero_grad(set_to_none=True)
-    return {name: torch.stack(g) for name, g in grads.items()}
 
 
 @pytest.fixture
