@@ -11,6 +11,8 @@ values, without the speed-ups.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.autograd import forward_ad
 
@@ -18,3 +20,9 @@ from torch.autograd import forward_ad
 def func_transform_active() -> bool:
     """True inside a ``torch.func`` transform or a ``forward_ad.dual_level()``; cheap enough to ask per layer call."""
     return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
+
+
+def outside_func_transforms() -> contextlib.AbstractContextManager:
+    """A context that runs its ops outside any active ``torch.func`` transform (a no-op when none is): for
+    decoding frozen constants, such as quantized weights, with ops that have no transform rules."""
+    return torch._C._DisableFuncTorch() if func_transform_active() else contextlib.nullcontext()

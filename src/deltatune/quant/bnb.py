@@ -9,7 +9,6 @@ without bitsandbytes.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 from collections.abc import Mapping
@@ -18,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..func_transforms import func_transform_active
+from ..func_transforms import func_transform_active, outside_func_transforms
 from .linear import Linear4bit
 from .nf4 import NESTED_BLOCKSIZE, QUANT_TYPES, Weight4bit, code_table, dynamic_map
 
@@ -197,7 +196,7 @@ def bnb_dequantized_weight(layer: torch.nn.Module, dtype: torch.dtype | None = N
     kind = bnb_weight_kind(layer)
     weight = layer.weight
     # bitsandbytes' ops have no torch.func rules; the codes are constants, so decode them outside the transform
-    with torch._C._DisableFuncTorch() if func_transform_active() else contextlib.nullcontext():
+    with outside_func_transforms():
         if kind == "4bit":
             if not weight.bnb_quantized:
                 return weight.data

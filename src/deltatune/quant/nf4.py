@@ -20,7 +20,6 @@ better (its table 2); FP4 is here for checkpoints made with ``quant_type="fp4"``
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 from functools import cache
@@ -28,7 +27,7 @@ from functools import cache
 import torch
 from torch import nn
 
-from ..func_transforms import func_transform_active
+from ..func_transforms import outside_func_transforms
 
 # QLoRA's NF4 values (bitsandbytes' `get_4bit_type("nf4")`): quantiles of N(0, 1) scaled to [-1, 1], with an exact 0.
 NF4_VALUES = (
@@ -313,7 +312,7 @@ class Weight4bit(nn.Module):
             return self._traceable_dequantize(dtype or self.dtype)
         # under torch.func the codes and scales are constants: decoded as plain tensors (a plan reads their data
         # pointers, which torch.func's wrappers do not have)
-        with torch._C._DisableFuncTorch() if func_transform_active() else contextlib.nullcontext():
+        with outside_func_transforms():
             return DecodePlan(self, dtype or self.dtype, scratch or _allocate).run(scales)
 
     def _traceable_dequantize(self, dtype: torch.dtype) -> torch.Tensor:
