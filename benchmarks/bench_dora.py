@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_lora_step import Comparison, to_ms, train_step, trainable  # noqa: E402
+from bench_lora_step import Comparison, interval_text, to_ms, train_step, trainable  # noqa: E402
 from procmem import status_kib  # noqa: E402
 
 LIBRARIES = ("deltatune", "peft")
@@ -219,14 +219,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{'bf16 autocast' if args.bf16 else 'fp32'}, {args.steps} rounds")
     print(f"step ms ({args.clock} clock): deltatune {train.median_a_ms:.1f}, peft {train.median_b_ms:.1f}; "
           f"median(ratio) {train.median_of_round_ratios:.3f} "
-          f"[95% interval {train.round_ratio_ci95[0]:.3f}-{train.round_ratio_ci95[1]:.3f}], "
+          f"[95% interval {interval_text(train.round_ratio_ci95)}], "
           f"ratio(medians) {train.ratio_of_medians:.3f}, ratio(minima) "
           f"{train.ratio_of_minima:.3f}; max|dloss| {'n/a' if loss_diff is None else f'{loss_diff:.1e}'}")
     if floor:
         print(f"deltatune plain LoRA (same r, no magnitude) in the same rounds: {floor.median_a_ms:.1f} ms, "
-              f"median(ratio) to peft's DoRA {floor.median_of_round_ratios:.3f} [{floor.round_ratio_ci95[0]:.3f}-"
-              f"{floor.round_ratio_ci95[1]:.3f}], ratio(medians) "
-              f"{floor.ratio_of_medians:.3f}: the floor for any DoRA")
+              f"median(ratio) to peft's DoRA {floor.median_of_round_ratios:.3f} "
+              f"[{interval_text(floor.round_ratio_ci95)}], ratio(medians) {floor.ratio_of_medians:.3f}: the floor "
+              "for any DoRA")
     print(f"saved for backward MiB: deltatune {saved['deltatune'] / mib:.1f}, peft {saved['peft'] / mib:.1f}, "
           f"ratio {saved['deltatune'] / saved['peft']:.3f}")
     if rss:

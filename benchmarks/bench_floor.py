@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import platform
 import subprocess
@@ -57,6 +56,7 @@ from bench_lora_step import (
     alternate,
     build_base,
     copy_adapter_weights,
+    interval_text,
     median_interval,
     to_ms,
     train_step,
@@ -275,9 +275,9 @@ def report(payload: dict[str, Any]) -> None:
     print(f"{'row':<28} {'deltatune':>{W}} {'PEFT':>{W}} {'target':>7}  floor/base ms")
 
     def cell(c: dict[str, Any]) -> str:
-        low, high = median_interval([a / b for a, b in zip(c["a_ms"], c["b_ms"], strict=True)])
-        interval = "[n/a]" if math.isnan(low) else f"[{low:.2f}-{high:.2f}]"  # n/a: under 6 rounds
-        return (f"{c['median_of_round_ratios']:.3f} {interval} "
+        # from the times, not a stored interval: JSON files written before the interval existed have none
+        interval = interval_text(median_interval([a / b for a, b in zip(c["a_ms"], c["b_ms"], strict=True)]), 2)
+        return (f"{c['median_of_round_ratios']:.3f} [{interval}] "
                 f"({c['ratio_of_medians']:.2f},{c['ratio_of_minima']:.2f})")
 
     res = payload["results"]

@@ -327,10 +327,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def interval_text(comparison: Comparison) -> str:
-    """``comparison``'s 95% interval around the median of per-round ratios, or n/a (under 6 rounds)."""
-    low, high = comparison.round_ratio_ci95
-    return "n/a" if math.isnan(low) else f"{low:.3f}-{high:.3f}"
+def interval_text(interval: tuple[float, float], digits: int = 3) -> str:
+    """A :func:`median_interval` as ``low-high``, or n/a where the rounds were too few for one (under 6)."""
+    low, high = interval
+    return "n/a" if math.isnan(low) else f"{low:.{digits}f}-{high:.{digits}f}"
 
 
 def print_report(results: list[TargetResult], header: str) -> None:
@@ -343,7 +343,7 @@ def print_report(results: list[TargetResult], header: str) -> None:
         t = r.train
         loss = "n/a" if r.max_loss_diff is None else f"{r.max_loss_diff:.1e}"
         print(f"{r.targets:<11} {r.trainable_params:>10,d} {r.adapter_layers:>6d} {t.median_a_ms:>13.1f} "
-              f"{t.median_b_ms:>9.1f} {t.median_of_round_ratios:>10.3f} {interval_text(t):>12} "
+              f"{t.median_b_ms:>9.1f} {t.median_of_round_ratios:>10.3f} {interval_text(t.round_ratio_ci95):>12} "
               f"{t.ratio_of_medians:>10.3f} "
               f"{t.ratio_of_minima:>10.3f} {loss:>10}")
     print()
@@ -354,7 +354,7 @@ def print_report(results: list[TargetResult], header: str) -> None:
     for r in results:
         i = r.inference
         print(f"{r.targets:<11} {i.median_a_ms:>10.1f} {i.median_b_ms:>9.1f} {i.median_of_round_ratios:>10.3f} "
-              f"{interval_text(i):>12} {i.ratio_of_medians:>10.3f} {i.ratio_of_minima:>10.3f} "
+              f"{interval_text(i.round_ratio_ci95):>12} {i.ratio_of_medians:>10.3f} {i.ratio_of_minima:>10.3f} "
               f"{r.merged_max_logit_diff:>11.1e}")
     print("(med(ratio) = median of per-round ratios; ratio(med) = ratio of the two medians; ratio(min) = ratio of\n"
           " the fastest steps; if the three disagree the machine was too busy; max|dlogit| = merged vs unmerged)")

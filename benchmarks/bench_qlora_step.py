@@ -66,6 +66,7 @@ from bench_lora_step import (  # noqa: E402 - the sibling benchmark's model, ste
     build_base,
     copy_adapter_weights,
     fill_step_defaults,
+    interval_text,
     to_ms,
     train_step,
     trainable,
@@ -242,8 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"QLoRA training step, {args.steps} measured + {args.warmup} warm-up rounds, alternating; "
               f"trainable {res['trainable_params']:,}")
         print(f"  deltatune median {t['median_a_ms']:.1f} ms | peft+bnb median {t['median_b_ms']:.1f} ms")
-        low, high = t["round_ratio_ci95"]
-        print(f"  med(ratio) {t['median_of_round_ratios']:.3f} [95% interval {low:.3f}-{high:.3f}] | "
+        interval = interval_text(t["round_ratio_ci95"])
+        print(f"  med(ratio) {t['median_of_round_ratios']:.3f} [95% interval {interval}] | "
               f"ratio(med) {t['ratio_of_medians']:.3f} | "
               f"ratio(min) {t['ratio_of_minima']:.3f} | max|dloss| {loss}   (ratio = deltatune / peft+bnb)")
         if args.unfused:
